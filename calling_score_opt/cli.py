@@ -1,0 +1,402 @@
+"""The ``cso`` command line: thin commands over the library, errors as one clear line.
+
+Heavy libraries (torch, onnx, optuna) are imported inside the commands, so ``cso --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from calling_score_opt.errors import CsoError
+
+DEFAULT_DATA = Path("data/calling_score_training_data_v1_hybrid.json")
+DEFAULT_RECORDS = 10_000
+DEFAULT_GRID_DIR = Path("assets/models/optimized")
+DEFAULT_TRAIN_OUTPUT = Path("assets/models/calling_score_model_custom.onnx")
+
+app = typer.Typer(
+    help="cso: train, search, export and ship the app's calling-score model.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check or generate training data files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fails_cleanly(command: F) -> F:
+    """Turn cso's own errors into one line on stderr and their exit code; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except CsoError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished work is kept; rerun the command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options shared by several commands.
+DataPath = Annotated[
+    Path | None,
+    typer.Option(
+        help=f"Training data: the app's JSON export, or a CSV with --target. "
+        f"[default: {DEFAULT_DATA}, generated ({DEFAULT_RECORDS:,} records) if missing]",
+        show_default=False,
+    ),
+]
+Target = Annotated[
+    str | None, typer.Option(help="CSV only: the label column; other numeric columns are features.")
+]
+Epochs = Annotated[
+    int, typer.Option(min=1, help="Most epochs per run (early stopping may end sooner).")
+]
+Device = Annotated[str, typer.Option(help="cpu, cuda or auto (CUDA when available).")]
+Seed = Annotated[int, typer.Option(help="Seed for the split, the weights and the batch order.")]
+
+
+def _data_path(data_path: Path | None) -> Path:
+    """The given file, or the default data, generated (and announced) when it is missing."""
+    if data_path is not None:
+        return data_path
+    if not DEFAULT_DATA.exists():
+        from calling_score_opt.synth import write_synthetic
+
+        console.print(
+            f"No {DEFAULT_DATA}: generating {DEFAULT_RECORDS:,} synthetic records there "
+            "(`cso data synth` makes other sizes)."
+        )
+        write_synthetic(DEFAULT_DATA, DEFAULT_RECORDS, seed=0)
+    return DEFAULT_DATA
+
+
+def _default_jobs(device: str) -> int:
+    if device == "cuda":
+        return 1  # one GPU: extra processes would only queue on it
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@app.command()
+@_fails_cleanly
+def grid(
+    data_path: DataPath = None,
+    target: Target = None,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where the ONNX files and optimization_results.json go.")
+    ] = DEFAULT_GRID_DIR,
+    max_variants: Annotated[
+        int, typer.Option(min=1, max=15, help="Train only the first N documented variants.")
+    ] = 15,
+    epochs: Epochs = 100,
+    device: Device = "cpu",
+    seed: Seed = 0,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Train every variant with K seeds and rank by the mean.")
+    ] = 1,
+    jobs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Worker processes. [default: the CPU cores available]"),
+    ] = None,
+    study: Annotated[str, typer.Option(help="Optuna study name (one trial per run).")] = (
+        "calling-score-grid"
+    ),
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]"),
+    ] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(help="Folder for stored weights. [default: beside the SQLite file]"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Train the 15 documented variants, export each to ONNX and say which is best.
+
+    Every run is a trial in an Optuna study; running the same command again resumes it and
+    retrains nothing that finished. Variants are ranked by validation loss.
+
+    Example: cso grid --max-variants 5 --epochs 50
+    """
+    from calling_score_opt.grid import GridSettings, run_grid
+    from calling_score_opt.progress import GridProgress
+
+    settings = GridSettings(
+        data_path=_data_path(data_path),
+        output_dir=output_dir,
+        target=target,
+        max_variants=max_variants,
+        epochs=epochs,
+        device=device,
+        seed=seed,
+        repeats=repeats,
+        jobs=jobs or _default_jobs(device),
+        study_name=study,
+        storage_url=storage,
+        artifact_dir=artifacts,
+    )
+    with GridProgress(console, repeats, quiet) as progress:
+        outcome = run_grid(settings, progress)
+    _print_grid_summary(outcome.results, outcome.results_path)
+    if outcome.results["summary"]["succeeded"] == 0:
+        raise CsoError("every variant failed; see the reasons above")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}%"
+
+
+def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
+    summary = results["summary"]
+    ranked = sorted((v for v in results["variants"] if v["success"]), key=lambda v: v["rank"])
+    repeats = results["settings"]["repeats"]
+    table = Table(
+        title=f"Top {min(5, len(ranked))} variants by validation loss", title_justify="left"
+    )
+    for column in ("rank", "variant", "val loss", "test loss", "vs baseline", "epochs", "time"):
+        if column == "variant":
+            table.add_column(column, no_wrap=True, min_width=19)
+        else:
+            table.add_column(column, justify="right", no_wrap=True)
+    for v in ranked[:5]:
+        val = f"{v['val_loss']:.5f}" + (f" ±{v['val_loss_std']:.5f}" if repeats > 1 else "")
+        table.add_row(
+            str(v["rank"]),
+            v["name"],
+            val,
+            f"{v['test_loss']:.5f}",
+            _pct(v["improvement_vs_baseline_pct"]),
+            f"{v['best_epoch']}/{v['epochs_run']}",
+            f"{v['training_time_s']:.1f}s",
+        )
+    console.print(table)
+    if ranked:
+        best = ranked[0]
+        cfg = best["config"]
+        lines = [
+            f"[bold]🏆 BEST VARIANT: {best['name']}[/] (lowest validation loss"
+            + (f", mean of {repeats} seeds)" if repeats > 1 else ")"),
+            f"Test Loss: {best['test_loss']:.5f} "
+            f"(improvement: {_pct(best['improvement_vs_baseline_pct'])} vs the baseline "
+            "trained in this run)",
+        ]
+        boot = summary.get("bootstrap")
+        if boot is not None:
+            low, high = boot["ci95_pct"]
+            lines.append(
+                f"  95% paired-bootstrap interval: {low:+.2f}% .. {high:+.2f}%: {boot['verdict']}"
+            )
+        lines += [
+            f"Val Loss: {best['val_loss']:.5f}",
+            f"Training Time: {best['training_time_s']:.1f}s "
+            f"(best epoch {best['best_epoch']} of {best['epochs_run']})",
+            f"Model Size: {best['model_size_kb']} KB",
+            f"Parameters: {best['parameters']:,}",
+            "Configuration:",
+            f"  Learning Rate: {cfg['learning_rate']:g}",
+            f"  Batch Size: {cfg['batch_size']}",
+            f"  Architecture: {cfg['hidden_sizes']}",
+            f"  Dropout: {cfg['dropout']:g}",
+        ]
+        floor = summary.get("irreducible_mse")
+        if floor is not None:
+            excess = best["test_loss"] - floor
+            lines.append(
+                f"Noise floor: the data's irreducible error is {floor:.5f}; the best test MSE is "
+                f"{excess:.5f} above it ({excess / floor * 100:.1f}%)"
+            )
+        console.print("\n".join(lines), highlight=False, soft_wrap=True)
+    if summary["failed"]:
+        console.print(f"[bold red]Failed variants ({len(summary['failed'])}):[/]")
+        for failure in summary["failed"]:
+            console.print(
+                f"  {failure['name']}: {failure['error']}", highlight=False, soft_wrap=True
+            )
+    timing = summary["timing"]
+    console.print(
+        f"Results: {results_path} ({timing['runs_trained']} runs trained, "
+        f"{timing['runs_resumed']} resumed, {timing['wall_s']:.1f}s)",
+        highlight=False,
+    )
+
+
+@app.command()
+@_fails_cleanly
+def train(
+    data_path: DataPath = None,
+    target: Target = None,
+    output_path: Annotated[Path, typer.Option(help="Where the ONNX model goes.")] = (
+        DEFAULT_TRAIN_OUTPUT
+    ),
+    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 0.001,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
+    epochs: Epochs = 100,
+    hidden_sizes: Annotated[
+        str, typer.Option(help='Hidden layer widths, comma-separated, e.g. "256,128,64".')
+    ] = "128,64",
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout rate.")] = 0.2,
+    seed: Seed = 0,
+    device: Device = "cpu",
+) -> None:
+    """Train one model with the given hyperparameters and write it as a verified ONNX file.
+
+    Example: cso train --learning-rate 0.0005 --batch-size 64 --hidden-sizes "256,128,64"
+    """
+    from calling_score_opt.data import load_dataset, require_trainable, split_dataset
+    from calling_score_opt.export import export_onnx
+    from calling_score_opt.space import parse_hidden_sizes
+    from calling_score_opt.train import TrainConfig, train_model
+
+    config = TrainConfig(
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        hidden_sizes=parse_hidden_sizes(hidden_sizes),
+        dropout=dropout,
+        epochs=epochs,
+        seed=seed,
+    )
+    dataset = require_trainable(load_dataset(_data_path(data_path), target))
+    split = split_dataset(dataset, seed)
+    with console.status("training...") as status:
+        result = train_model(
+            split,
+            config,
+            device,
+            lambda s: status.update(f"training: epoch {s.epoch}/{epochs}, val {s.val_loss:.5f}"),
+        )
+    metrics = {
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "test_loss": result.test_loss,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "parameters": result.parameters,
+    }
+    from calling_score_opt import __version__
+
+    report = export_onnx(
+        result.model,
+        output_path,
+        split.x_test,
+        {
+            "producer": f"cso {__version__}",
+            "model_type": "calling_score",
+            "variant": "custom",
+            "hyperparameters": {**config.hyperparameters(), "epochs": epochs, "seed": seed},
+            "feature_names": list(dataset.feature_names),
+            "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
+            "metrics": metrics,
+            "data_fingerprint": dataset.fingerprint,
+        },
+    )
+    console.print(
+        f"Test Loss: {result.test_loss:.5f}\nVal Loss: {result.val_loss:.5f}\n"
+        f"Train Loss: {result.train_loss:.5f}\n"
+        f"Best epoch: {result.best_epoch} of {result.epochs_run} run\n"
+        f"Training Time: {result.training_time_s:.1f}s\n"
+        f"Parameters: {result.parameters:,}\n"
+        f"Model: {report.path} ({report.size_bytes / 1024:.1f} KB, onnxruntime parity "
+        f"{report.parity_max_abs_diff:.1e} on {report.parity_samples} test records)",
+        highlight=False,
+    )
+
+
+@data_app.command("check")
+@_fails_cleanly
+def data_check(
+    path: Annotated[Path, typer.Argument(help="The data file to check.")],
+    target: Target = None,
+) -> None:
+    """Report what a data file holds and whether it can be trained on (exit 2 if not).
+
+    Example: cso data check data/calling_score_training_data_v1_hybrid.json
+    """
+    from calling_score_opt.data import check_dataset, load_dataset, require_trainable
+
+    dataset = load_dataset(path, target)
+    report = check_dataset(dataset)
+    q = report.label_quantiles
+    sources = ", ".join(f"{n:,} from {k}" for k, n in dataset.label_sources.items() if n)
+    console.print(f"[bold]{path}[/]: {dataset.n_records:,} records, {dataset.n_features} features")
+    console.print(f"Labels ({sources}): mean {report.label_mean:.4f}, std {report.label_std:.4f}")
+    console.print(
+        f"  min {q['min']:.4f}  q25 {q['q25']:.4f}  median {q['median']:.4f}  "
+        f"q75 {q['q75']:.4f}  max {q['max']:.4f}",
+        highlight=False,
+    )
+    if dataset.irreducible_mse is not None:
+        console.print(f"Irreducible error recorded in metadata: MSE {dataset.irreducible_mse:.5f}")
+    if dataset.ignored_columns:
+        console.print(f"Ignored (non-numeric) columns: {', '.join(dataset.ignored_columns)}")
+    if report.defaulted:
+        table = Table(
+            title="Features defaulted to 0.5 (key missing in the record)", title_justify="left"
+        )
+        table.add_column("feature")
+        table.add_column("records", justify="right")
+        for name, count in report.defaulted.items():
+            table.add_row(name, f"{count:,} ({count / dataset.n_records:.0%})")
+        console.print(table)
+    else:
+        console.print("Every feature is present in every record (nothing defaulted to 0.5).")
+    if report.constant_features:
+        console.print(
+            f"[yellow]Constant features ({len(report.constant_features)}), the model cannot "
+            f"learn from them:[/] {', '.join(report.constant_features)}"
+        )
+    if report.out_of_range:
+        values = ", ".join(f"{n} ({c})" for n, c in report.out_of_range.items())
+        console.print(f"[yellow]Values outside [0, 1]:[/] {values}")
+    require_trainable(dataset, report)
+    console.print("[green]OK[/]: this file can be trained on.")
+
+
+@data_app.command("synth")
+@_fails_cleanly
+def data_synth(
+    output: Annotated[Path, typer.Option(help="Where to write the JSON file.")] = DEFAULT_DATA,
+    records: Annotated[int, typer.Option(min=1, help="How many records.")] = DEFAULT_RECORDS,
+    seed: Annotated[int, typer.Option(help="Same seed, same file.")] = 0,
+) -> None:
+    """Write synthetic training data in the app's JSON format, with its noise floor recorded.
+
+    Example: cso data synth --records 2000 --seed 1 --output data/small.json
+    """
+    from calling_score_opt.synth import write_synthetic
+
+    metadata = write_synthetic(output, records, seed)
+    console.print(
+        f"Wrote {records:,} records to {output} "
+        f"(irreducible MSE {metadata['irreducible_mse']:.5f}, "
+        f"label variance {metadata['label_variance']:.5f})",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Entry point of the ``cso`` console script."""
+    app(prog_name="cso")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,405 @@
+"""Training data: the app's JSON export (CONTRACTS §1) or any CSV, loaded, checked and split.
+
+Everything a model sees comes through :func:`load_dataset` and :func:`split_dataset`, so the
+feature order, the label rule, the 0.5 default and the 70/15/15 split live in one place.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from calling_score_opt.errors import DataError
+
+VIBE_DIMENSIONS = (
+    "exploration_eagerness",
+    "community_orientation",
+    "authenticity_preference",
+    "social_discovery_style",
+    "temporal_flexibility",
+    "location_adventurousness",
+    "curation_tendency",
+    "trust_network_reliance",
+    "energy_preference",
+    "novelty_seeking",
+    "value_orientation",
+    "crowd_tolerance",
+)
+CONTEXT_FEATURES = (
+    "location_proximity",
+    "journey_alignment",
+    "user_receptivity",
+    "opportunity_availability",
+    "network_effects",
+    "community_patterns",
+    "vibe_compatibility",
+    "energy_match",
+    "community_match",
+    "novelty_match",
+)
+TIMING_FEATURES = (
+    "optimal_time_of_day",
+    "optimal_day_of_week",
+    "user_patterns",
+    "opportunity_timing",
+    "timing_alignment",
+)
+#: (record key, names) in the exact order the app feeds them to the model.
+FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("user_vibe_dimensions", VIBE_DIMENSIONS),
+    ("spot_vibe_dimensions", VIBE_DIMENSIONS),
+    ("context_features", CONTEXT_FEATURES),
+    ("timing_features", TIMING_FEATURES),
+)
+#: The 39 model inputs as ``group.name``, index i is column i of the ONNX input.
+FEATURE_NAMES: tuple[str, ...] = tuple(f"{g}.{n}" for g, names in FEATURE_GROUPS for n in names)
+N_FEATURES = len(FEATURE_NAMES)
+MISSING_FEATURE_VALUE = 0.5
+SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
+MIN_RECORDS = 20  # below this a 70/15/15 split leaves fewer than 3 records to validate or test on
+
+Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded data file: features in model order, labels, and what loading had to assume."""
+
+    path: Path
+    features: Array  # [n, f] float32, raw (unscaled)
+    labels: Array  # [n] float32 in [0, 1]
+    feature_names: tuple[str, ...]
+    fingerprint: str  # sha256 of the file's bytes
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    defaulted: npt.NDArray[np.int64] | None = None  # per feature: records where 0.5 was assumed
+    label_sources: Mapping[str, int] = field(default_factory=dict)
+    ignored_columns: tuple[str, ...] = ()  # CSV: non-numeric columns left out
+
+    @property
+    def n_records(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def irreducible_mse(self) -> float | None:
+        """The noise floor a synthetic file records (best test MSE any model can reach)."""
+        value = self.metadata.get("irreducible_mse")
+        return float(value) if isinstance(value, int | float) else None
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train / validation / test arrays of one dataset, cut deterministically by ``seed``."""
+
+    x_train: Array
+    y_train: Array
+    x_val: Array
+    y_val: Array
+    x_test: Array
+    y_test: Array
+    seed: int
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Per-feature standardisation fitted on the training split only (baked into the ONNX)."""
+
+    mean: Array
+    std: Array
+
+    @classmethod
+    def fit(cls, x_train: Array) -> Scaling:
+        mean = x_train.mean(axis=0, dtype=np.float64)
+        std = x_train.std(axis=0, dtype=np.float64)
+        std[std < 1e-6] = 1.0  # a constant feature is passed through centred, not divided by 0
+        return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
+
+
+def _fingerprint(raw: bytes) -> str:
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise DataError(f"{path}: file not found; pass an existing file with --data-path")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a data file; pass a .json or .csv file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
+
+
+def _number(path: Path, index: int, name: str, value: object) -> float:
+    """A finite float from a JSON value, or a DataError naming the record and field."""
+    where = f"{path}: record {index}, field '{name}'"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"{where}: {value!r} is not a number; fix or remove the record")
+    number = float(value)
+    if not math.isfinite(number):
+        raise DataError(f"{where}: {value!r} is not a finite number; fix or remove the record")
+    return number
+
+
+def _label(path: Path, index: int, name: str, value: object) -> float:
+    number = _number(path, index, name, value)
+    if not 0.0 <= number <= 1.0:
+        raise DataError(
+            f"{path}: record {index}, field '{name}': label {number:g} is outside [0, 1]; "
+            "the model predicts a score in [0, 1]"
+        )
+    return number
+
+
+def _records_of(path: Path, document: object) -> list[object]:
+    if isinstance(document, list):
+        return document
+    if isinstance(document, dict):
+        records = document.get("training_data")
+        if records is None:
+            raise DataError(
+                f"{path}: top-level object has no 'training_data' list; expected "
+                '{"training_data": [...]} or a bare list of records (CONTRACTS §1)'
+            )
+        if not isinstance(records, list):
+            raise DataError(f"{path}: 'training_data' is {type(records).__name__}, not a list")
+        return records
+    raise DataError(
+        f"{path}: top level is {type(document).__name__}; expected an object with "
+        "'training_data' or a list of records"
+    )
+
+
+def _load_json(path: Path, raw: bytes) -> Dataset:
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            "is this the app's export?"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text, so not JSON; is this the app's export?") from exc
+    records = _records_of(path, document)
+    if not records:
+        raise DataError(f"{path}: contains no records; there is nothing to train on")
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+
+    n = len(records)
+    features = np.full((n, N_FEATURES), MISSING_FEATURE_VALUE, dtype=np.float32)
+    labels = np.empty(n, dtype=np.float32)
+    defaulted = np.zeros(N_FEATURES, dtype=np.int64)
+    label_sources = {"outcome_score": 0, "formula_calling_score": 0}
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{path}: record {i} is {type(record).__name__}, not an object; "
+                "each record must be a JSON object (CONTRACTS §1)"
+            )
+        column = 0
+        for group, names in FEATURE_GROUPS:
+            values = record.get(group)
+            if values is None:
+                values = {}
+            elif not isinstance(values, dict):
+                raise DataError(
+                    f"{path}: record {i}, field '{group}': is {type(values).__name__}, "
+                    "not an object of named features"
+                )
+            for name in names:
+                if name in values:
+                    features[i, column] = _number(path, i, f"{group}.{name}", values[name])
+                else:
+                    defaulted[column] += 1  # the app sends 0.5 for a missing key; so do we
+                column += 1
+        if record.get("outcome_score") is not None:
+            labels[i] = _label(path, i, "outcome_score", record["outcome_score"])
+            label_sources["outcome_score"] += 1
+        elif record.get("formula_calling_score") is not None:
+            labels[i] = _label(path, i, "formula_calling_score", record["formula_calling_score"])
+            label_sources["formula_calling_score"] += 1
+        else:
+            raise DataError(
+                f"{path}: record {i}, field 'outcome_score': missing, and so is "
+                "'formula_calling_score'; every record needs a label"
+            )
+    return Dataset(
+        path=path,
+        features=features,
+        labels=labels,
+        feature_names=FEATURE_NAMES,
+        fingerprint=_fingerprint(raw),
+        metadata=metadata if isinstance(metadata, dict) else {},
+        defaulted=defaulted,
+        label_sources=label_sources,
+    )
+
+
+def _csv_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _load_csv(path: Path, raw: bytes, target: str) -> Dataset:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from exc
+    rows = list(csv.reader(text.splitlines()))
+    if not rows or not any(cell.strip() for cell in rows[0]):
+        raise DataError(f"{path}: empty CSV; expected a header row and one row per record")
+    header = [cell.strip() for cell in rows[0]]
+    body = [row for row in rows[1:] if any(cell.strip() for cell in row)]
+    if not body:
+        raise DataError(f"{path}: has a header but no rows; there is nothing to train on")
+    if target not in header:
+        raise DataError(
+            f"{path}: no column '{target}' for --target; columns are: {', '.join(header)}"
+        )
+    for i, row in enumerate(body):
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}: record {i} (line {i + 2}) has {len(row)} cells, the header has "
+                f"{len(header)}; fix the row"
+            )
+    # A column is a feature when every cell parses as a number; text columns (ids, dates) are
+    # left out and reported, so a stray word cannot silently turn a feature into an id.
+    numeric = [all(_csv_float(row[c]) is not None for row in body) for c in range(len(header))]
+    target_col = header.index(target)
+    feature_cols = [c for c in range(len(header)) if numeric[c] and c != target_col]
+    ignored = tuple(header[c] for c in range(len(header)) if not numeric[c] and c != target_col)
+    if not feature_cols:
+        raise DataError(f"{path}: no numeric column besides '{target}'; nothing to learn from")
+    n = len(body)
+    features = np.empty((n, len(feature_cols)), dtype=np.float32)
+    labels = np.empty(n, dtype=np.float32)
+    for i, row in enumerate(body):
+        for j, c in enumerate(feature_cols):
+            features[i, j] = _number(path, i, header[c], float(row[c]))
+        value = _csv_float(row[target_col])
+        if value is None:
+            raise DataError(
+                f"{path}: record {i}, field '{target}': {row[target_col]!r} is not a number; "
+                "fix or remove the record"
+            )
+        labels[i] = _label(path, i, target, value)
+    return Dataset(
+        path=path,
+        features=features,
+        labels=labels,
+        feature_names=tuple(header[c] for c in feature_cols),
+        fingerprint=_fingerprint(raw),
+        defaulted=np.zeros(len(feature_cols), dtype=np.int64),
+        label_sources={target: n},
+        ignored_columns=ignored,
+    )
+
+
+def load_dataset(path: Path, target: str | None = None) -> Dataset:
+    """Load the app's JSON export, or a CSV whose ``target`` column is the label.
+
+    Raises:
+        DataError: one line naming the file, the record index and the field at fault.
+    """
+    raw = _read_bytes(path)
+    is_csv = path.suffix.lower() == ".csv"
+    if is_csv and target is None:
+        raise DataError(f"{path}: a CSV needs --target COLUMN to say which column is the label")
+    if not is_csv and target is not None:
+        raise DataError(
+            f"{path}: --target applies to CSV files only; JSON exports use outcome_score "
+            "(else formula_calling_score) as the label"
+        )
+    dataset = _load_csv(path, raw, target) if target is not None else _load_json(path, raw)
+    if dataset.n_records < MIN_RECORDS:
+        raise DataError(
+            f"{path}: {dataset.n_records} records; a 70/15/15 split needs at least "
+            f"{MIN_RECORDS}. Add records or generate some with `cso data synth`"
+        )
+    return dataset
+
+
+def split_dataset(dataset: Dataset, seed: int) -> Split:
+    """Shuffle with ``seed`` and cut 70/15/15 (the same seed always gives the same split)."""
+    n = dataset.n_records
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = round(n * SPLIT_FRACTIONS[1])
+    n_test = round(n * SPLIT_FRACTIONS[2])
+    train, val, test = np.split(order, [n - n_val - n_test, n - n_test])
+    x, y = dataset.features, dataset.labels
+    return Split(
+        x_train=x[train],
+        y_train=y[train],
+        x_val=x[val],
+        y_val=y[val],
+        x_test=x[test],
+        y_test=y[test],
+        seed=seed,
+    )
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """What ``cso data check`` prints: enough to tell whether a file is fit to train on."""
+
+    dataset: Dataset
+    label_mean: float
+    label_std: float
+    label_quantiles: dict[str, float]
+    constant_features: tuple[str, ...]
+    out_of_range: dict[str, int]  # feature -> values outside [0, 1]
+    defaulted: dict[str, int]  # feature -> records where 0.5 was assumed
+    problems: tuple[str, ...]  # reasons the file cannot be trained on
+
+
+def check_dataset(dataset: Dataset) -> DataReport:
+    """Summarise a loaded dataset and list what would make training on it pointless."""
+    x, y = dataset.features, dataset.labels
+    names = dataset.feature_names
+    constant = tuple(n for n, lo, hi in zip(names, x.min(0), x.max(0), strict=True) if lo == hi)
+    outside = ((x < 0.0) | (x > 1.0)).sum(axis=0)
+    defaulted = dataset.defaulted if dataset.defaulted is not None else np.zeros(len(names))
+    problems = []
+    if float(y.std()) == 0.0:
+        problems.append(f"every label is {float(y[0]):g}: there is nothing to learn")
+    if len(constant) == len(names):
+        problems.append("every feature is constant: the model cannot tell records apart")
+    quantiles = np.quantile(y, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return DataReport(
+        dataset=dataset,
+        label_mean=float(y.mean()),
+        label_std=float(y.std()),
+        label_quantiles=dict(
+            zip(("min", "q25", "median", "q75", "max"), map(float, quantiles), strict=True)
+        ),
+        constant_features=constant,
+        out_of_range={n: int(c) for n, c in zip(names, outside, strict=True) if c},
+        defaulted={n: int(c) for n, c in zip(names, defaulted, strict=True) if c},
+        problems=tuple(problems),
+    )
+
+
+def require_trainable(dataset: Dataset, report: DataReport | None = None) -> Dataset:
+    """``dataset`` itself, or a DataError when :func:`check_dataset` found it untrainable."""
+    report = report or check_dataset(dataset)
+    if report.problems:
+        raise DataError(f"{dataset.path}: cannot be trained on: {'; '.join(report.problems)}")
+    return dataset

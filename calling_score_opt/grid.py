@@ -1,0 +1,638 @@
+"""``cso grid``: the 15 documented variants, trained, stored, exported and compared honestly.
+
+Every (variant, repeat) run is one trial of an Optuna study, stored as soon as it finishes, so a
+rerun trains only what is missing. Runs and exports go to worker processes (one thread each);
+the main process alone writes the study and the output files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import queue
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from calling_score_opt import __version__
+from calling_score_opt.atomic import write_text_atomic
+from calling_score_opt.data import (
+    Array,
+    Dataset,
+    Split,
+    load_dataset,
+    require_trainable,
+    split_dataset,
+)
+from calling_score_opt.errors import ConfigError, CsoError
+from calling_score_opt.space import BASELINE_NAME, VARIANTS, Variant, grid_distributions
+from calling_score_opt.stats import Improvement, paired_bootstrap_improvement
+from calling_score_opt.study import (
+    artifact_store,
+    default_artifact_dir,
+    default_storage_url,
+    open_storage,
+    open_study,
+    read_checkpoint,
+    record_trial,
+)
+
+if TYPE_CHECKING:
+    from optuna.trial import FrozenTrial
+
+RESULTS_FILENAME = "optimization_results.json"
+RESULTS_SCHEMA = 1
+
+
+def onnx_filename(variant: str) -> str:
+    return f"calling_score_model_{variant}.onnx"
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Everything ``cso grid`` was asked to do."""
+
+    data_path: Path
+    output_dir: Path
+    target: str | None = None
+    max_variants: int = len(VARIANTS)
+    epochs: int = 100
+    device: str = "cpu"
+    seed: int = 0
+    repeats: int = 1
+    jobs: int = 1
+    study_name: str = "calling-score-grid"
+    storage_url: str | None = None  # None: sqlite:///studies/<study>.db
+    artifact_dir: Path | None = None  # None: beside the SQLite file
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_variants <= len(VARIANTS):
+            raise ConfigError(f"--max-variants must be 1-{len(VARIANTS)}, got {self.max_variants}")
+        for flag, value in (("--epochs", self.epochs), ("--repeats", self.repeats)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or default_storage_url(self.study_name)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.artifact_dir or default_artifact_dir(self.storage, self.study_name)
+
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        return VARIANTS[: self.max_variants]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """One (variant, repeat) training as a worker returns it; ``error`` set when it failed."""
+
+    variant: str
+    repeat: int
+    seed: int
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: tuple[tuple[int, float, float], ...] = ()  # (epoch, train_loss, val_loss)
+    checkpoint: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    variant: str
+    path: Path | None
+    size_bytes: int = 0
+    parity_max_abs_diff: float | None = None
+    test_predictions: Array | None = None
+    error: str | None = None
+
+
+class GridObserver:
+    """Hooks for progress display; every method is a no-op here (see the CLI for a live one)."""
+
+    def started(self, runs_total: int, runs_done: int, jobs: int) -> None: ...
+
+    def run_started(self, variant: str, repeat: int) -> None: ...
+
+    def epoch(self, variant: str, repeat: int, epoch: int, max_epochs: int, val: float) -> None: ...
+
+    def run_finished(self, outcome: RunOutcome) -> None: ...
+
+    def exported(self, outcome: ExportOutcome) -> None: ...
+
+
+# --- worker side -------------------------------------------------------------------------
+
+_worker: dict[str, Any] = {}  # the split, device and event queue of this worker process
+
+
+def _init_worker(split: Split, device: str, events: Any) -> None:
+    import logging
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    logging.getLogger("torch").setLevel(logging.ERROR)  # exporter chatter, not for users
+    _worker.update(split=split, device=device, events=events)
+
+
+def _train_run(variant: Variant, repeat: int, seed: int, epochs: int) -> RunOutcome:
+    from calling_score_opt.train import checkpoint_bytes, train_model
+
+    split: Split = _worker["split"]
+    events = _worker["events"]
+
+    def on_epoch(stats: Any) -> None:
+        if events is not None:
+            events.put((variant.name, repeat, stats.epoch, epochs, stats.val_loss))
+
+    try:
+        result = train_model(split, variant.train_config(epochs, seed), _worker["device"], on_epoch)
+    except CsoError as exc:
+        return RunOutcome(variant.name, repeat, seed, error=str(exc))
+    except Exception as exc:  # out of memory, a CUDA fault, ...: this variant fails, others go on
+        return RunOutcome(variant.name, repeat, seed, error=f"{type(exc).__name__}: {exc}")
+    metrics = {
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "test_loss": result.test_loss,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "training_time_s": result.training_time_s,
+        "parameters": result.parameters,
+    }
+    history = tuple((s.epoch, s.train_loss, s.val_loss) for s in result.history)
+    names = _worker["feature_names"]
+    return RunOutcome(
+        variant.name,
+        repeat,
+        seed,
+        metrics=metrics,
+        history=history,
+        checkpoint=checkpoint_bytes(result, names),
+    )
+
+
+def _export_run(
+    variant: str, checkpoint: bytes, path: Path, metadata: dict[str, Any]
+) -> ExportOutcome:
+    import torch
+
+    from calling_score_opt.export import export_onnx
+    from calling_score_opt.train import load_checkpoint
+
+    split: Split = _worker["split"]
+    try:
+        model, _, _ = load_checkpoint(checkpoint)
+        report = export_onnx(model, path, split.x_test, metadata)
+        with torch.no_grad():
+            predictions = model(torch.from_numpy(split.x_test)).numpy()
+    except CsoError as exc:
+        return ExportOutcome(variant, None, error=str(exc))
+    except Exception as exc:  # the exporter can fail in ways of its own
+        return ExportOutcome(variant, None, error=f"export failed: {type(exc).__name__}: {exc}")
+    return ExportOutcome(variant, path, report.size_bytes, report.parity_max_abs_diff, predictions)
+
+
+class _DirectEvents:
+    """The worker's event queue, in-process: each epoch reaches the observer as it happens."""
+
+    def __init__(self, observer: GridObserver) -> None:
+        self._observer = observer
+
+    def put(self, event: tuple[str, int, int, int, float]) -> None:
+        self._observer.epoch(*event)
+
+
+class _InlineExecutor:
+    """The executor interface, run in this process: for ``--jobs 1`` and for tests."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _executor(
+    jobs: int, split: Split, device: str, feature_names: tuple[str, ...], observer: GridObserver
+) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """An executor plus a function that relays worker epoch events to ``observer``."""
+    if jobs == 1:
+        _init_worker_with_names(split, device, _DirectEvents(observer), feature_names)
+        try:
+            yield _InlineExecutor(), lambda: None
+        finally:
+            _worker.clear()
+        return
+    context = multiprocessing.get_context("spawn")  # fork + torch threads can deadlock
+    events = context.Queue()
+    pool = ProcessPoolExecutor(
+        max_workers=jobs,
+        mp_context=context,
+        initializer=_init_worker_with_names,
+        initargs=(split, device, events, feature_names),
+    )
+
+    def drain() -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                observer.epoch(*events.get_nowait())
+
+    try:
+        yield pool, drain
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        events.close()
+
+
+def _init_worker_with_names(
+    split: Split, device: str, events: Any, feature_names: tuple[str, ...]
+) -> None:
+    _init_worker(split, device, events)
+    _worker["feature_names"] = feature_names
+
+
+# --- main process --------------------------------------------------------------------------
+
+
+@dataclass
+class GridOutcome:
+    """What ``cso grid`` produced: the results document and where it was written."""
+
+    results: dict[str, Any]
+    results_path: Path
+    dataset: Dataset
+
+
+def _run_cost(variant: Variant, n_train: int) -> float:
+    # Longest first keeps the workers busy to the end: steps per epoch times layers.
+    return (
+        n_train
+        / variant.batch_size
+        * (len(variant.hidden_sizes) + 1)
+        * (1.0 + sum(variant.hidden_sizes) / 512)
+    )
+
+
+def _identity(settings: GridSettings, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "kind": "grid",
+        "data_fingerprint": dataset.fingerprint,
+        "feature_names": list(dataset.feature_names),
+        "split_seed": settings.seed,
+        "epochs": settings.epochs,
+    }
+
+
+def _trial_attrs(outcome: RunOutcome) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "variant": outcome.variant,
+        "repeat": outcome.repeat,
+        "seed": outcome.seed,
+    }
+    if outcome.error is not None:
+        attrs["error"] = outcome.error
+    attrs.update(outcome.metrics)
+    attrs["train_losses"] = [round(h[1], 8) for h in outcome.history]
+    return attrs
+
+
+def _onnx_metadata(
+    variant: Variant,
+    trials: Sequence[FrozenTrial],
+    chosen: FrozenTrial,
+    dataset: Dataset,
+    settings: GridSettings,
+) -> dict[str, Any]:
+    attrs = chosen.user_attrs
+    return {
+        "producer": f"cso {__version__}",
+        "model_type": "calling_score",
+        "variant": variant.name,
+        "hyperparameters": {
+            **variant.train_config(settings.epochs, attrs["seed"]).hyperparameters(),
+            "epochs": settings.epochs,
+            "seed": attrs["seed"],
+        },
+        "feature_names": list(dataset.feature_names),
+        "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
+        "metrics": {
+            key: attrs[key]
+            for key in (
+                "val_loss",
+                "test_loss",
+                "train_loss",
+                "best_epoch",
+                "epochs_run",
+                "parameters",
+            )
+        },
+        "data_fingerprint": dataset.fingerprint,
+        "study": settings.study_name,
+        "trial_number": chosen.number,
+        "repeats": len(trials),
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return statistics.fmean(values)
+
+
+def _std(values: Sequence[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _variant_entry(
+    variant: Variant,
+    trials: Sequence[FrozenTrial],
+    failures: Sequence[str],
+    export: ExportOutcome | None,
+    settings: GridSettings,
+) -> dict[str, Any]:
+    config = {**variant.train_config(settings.epochs, settings.seed).hyperparameters()}
+    config.update(epochs=settings.epochs, patience=variant.train_config(1, 0).patience)
+    entry: dict[str, Any] = {"name": variant.name, "config": config}
+    if not trials or (export is not None and export.error is not None):
+        error = failures[-1] if failures else "no completed run"
+        if export is not None and export.error is not None:
+            error = export.error
+        return {**entry, "success": False, "error": error}
+    chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
+    attrs = chosen.user_attrs
+    losses = {k: [t.user_attrs[k] for t in trials] for k in ("val_loss", "test_loss", "train_loss")}
+    entry.update(
+        success=True,
+        error=None,
+        val_loss=_mean(losses["val_loss"]),
+        test_loss=_mean(losses["test_loss"]),
+        train_loss=_mean(losses["train_loss"]),
+        val_loss_std=_std(losses["val_loss"]),
+        test_loss_std=_std(losses["test_loss"]),
+        best_epoch=attrs["best_epoch"],
+        epochs_run=attrs["epochs_run"],
+        training_time_s=round(sum(t.user_attrs["training_time_s"] for t in trials), 3),
+        parameters=attrs["parameters"],
+        model_size_bytes=export.size_bytes if export else None,
+        model_size_kb=round(export.size_bytes / 1024, 1) if export else None,
+        onnx_path=str(export.path) if export and export.path else None,
+        parity_max_abs_diff=export.parity_max_abs_diff if export else None,
+        exported_seed=attrs["seed"],
+        trial_numbers=[t.number for t in trials],
+        runs=[
+            {
+                "repeat": t.user_attrs["repeat"],
+                "seed": t.user_attrs["seed"],
+                "trial_number": t.number,
+                **{
+                    k: t.user_attrs[k]
+                    for k in (
+                        "val_loss",
+                        "test_loss",
+                        "train_loss",
+                        "best_epoch",
+                        "epochs_run",
+                        "training_time_s",
+                    )
+                },
+            }
+            for t in sorted(trials, key=lambda t: t.user_attrs["repeat"])
+        ],
+    )
+    return entry
+
+
+def _summary(
+    entries: list[dict[str, Any]],
+    exports: Mapping[str, ExportOutcome],
+    split: Split,
+    dataset: Dataset,
+    seed: int,
+) -> dict[str, Any]:
+    ok = [e for e in entries if e["success"]]
+    ok.sort(key=lambda e: e["val_loss"])
+    for rank, entry in enumerate(ok, start=1):
+        entry["rank"] = rank
+    summary: dict[str, Any] = {
+        "ranked_by": "val_loss",
+        "variants": len(entries),
+        "succeeded": len(ok),
+        "failed": [{"name": e["name"], "error": e["error"]} for e in entries if not e["success"]],
+        "best_variant": ok[0]["name"] if ok else None,
+        "irreducible_mse": dataset.irreducible_mse,
+    }
+    baseline = next((e for e in ok if e["name"] == BASELINE_NAME), None)
+    for entry in ok:
+        entry["improvement_vs_baseline_pct"] = (
+            (baseline["test_loss"] - entry["test_loss"]) / baseline["test_loss"] * 100
+            if baseline
+            else None
+        )
+    if not ok:
+        return summary
+    best = ok[0]
+    summary["best"] = {
+        k: best[k]
+        for k in ("name", "val_loss", "test_loss", "improvement_vs_baseline_pct", "config")
+    }
+    if baseline is not None:
+        summary["baseline"] = {k: baseline[k] for k in ("name", "val_loss", "test_loss")}
+        base_pred = exports[BASELINE_NAME].test_predictions
+        best_pred = exports[best["name"]].test_predictions
+        if base_pred is not None and best_pred is not None:
+            y = split.y_test.astype(np.float64)
+            improvement = paired_bootstrap_improvement(
+                (base_pred.astype(np.float64) - y) ** 2,
+                (best_pred.astype(np.float64) - y) ** 2,
+                seed=seed,
+            )
+            summary["bootstrap"] = _bootstrap_dict(improvement, best["name"] == BASELINE_NAME)
+    if dataset.irreducible_mse is not None:
+        summary["best_excess_over_irreducible"] = best["test_loss"] - dataset.irreducible_mse
+    return summary
+
+
+def _bootstrap_dict(improvement: Improvement, best_is_baseline: bool) -> dict[str, Any]:
+    verdict = "the baseline itself is the best variant" if best_is_baseline else improvement.verdict
+    return {
+        "test_mse_improvement_pct": improvement.percent,
+        "ci95_pct": [improvement.ci_low, improvement.ci_high],
+        "resamples": improvement.resamples,
+        "method": "paired bootstrap over test records, exported models",
+        "verdict": verdict,
+    }
+
+
+def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> GridOutcome:
+    """Train, store, export and compare the grid's variants; write the results JSON.
+
+    Raises:
+        CsoError: bad data, options or storage (before anything is written).
+    """
+    from optuna.trial import TrialState
+
+    from calling_score_opt.train import resolve_device
+
+    observer = observer or GridObserver()
+    started = time.perf_counter()
+    dataset = require_trainable(load_dataset(settings.data_path, settings.target))
+    split = split_dataset(dataset, settings.seed)
+    resolve_device(settings.device)  # fail now, not in every worker
+    storage = open_storage(settings.storage)
+    storage_s = 0.0
+    t0 = time.perf_counter()
+    study = open_study(storage, settings.study_name, _identity(settings, dataset))
+    store = artifact_store(settings.artifacts)
+    storage_s += time.perf_counter() - t0
+
+    names = {v.name for v in settings.variants}
+    completed: dict[str, dict[int, FrozenTrial]] = {v.name: {} for v in settings.variants}
+    failures: dict[str, list[str]] = {v.name: [] for v in settings.variants}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        name, repeat = trial.user_attrs.get("variant"), trial.user_attrs.get("repeat")
+        if name in names and isinstance(repeat, int) and repeat < settings.repeats:
+            completed[name][repeat] = trial
+    pending = [
+        (v, r)
+        for v in settings.variants
+        for r in range(settings.repeats)
+        if r not in completed[v.name]
+    ]
+    pending.sort(key=lambda item: -_run_cost(item[0], len(split.y_train)))
+    observer.started(
+        len(settings.variants) * settings.repeats,
+        len(settings.variants) * settings.repeats - len(pending),
+        settings.jobs,
+    )
+
+    distributions = grid_distributions()
+    by_name = {v.name: v for v in settings.variants}
+    exports: dict[str, ExportOutcome] = {}
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    with _executor(settings.jobs, split, settings.device, dataset.feature_names, observer) as (
+        pool,
+        drain,
+    ):
+        running: dict[Future[Any], str] = {}
+
+        def submit_export(name: str) -> None:
+            nonlocal storage_s
+            trials = list(completed[name].values())
+            chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
+            t0 = time.perf_counter()
+            try:
+                checkpoint = read_checkpoint(store, storage, chosen)
+            except CsoError as exc:
+                exports[name] = ExportOutcome(name, None, error=str(exc))
+                return
+            storage_s += time.perf_counter() - t0
+            metadata = _onnx_metadata(by_name[name], trials, chosen, dataset, settings)
+            path = settings.output_dir / onnx_filename(name)
+            running[pool.submit(_export_run, name, checkpoint, path, metadata)] = "export"
+
+        for variant in settings.variants:
+            if len(completed[variant.name]) == settings.repeats:
+                submit_export(variant.name)
+        for variant, repeat in pending:
+            observer.run_started(variant.name, repeat)
+            future = pool.submit(
+                _train_run, variant, repeat, settings.seed + repeat, settings.epochs
+            )
+            running[future] = "train"
+        while running:
+            done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+            drain()
+            for future in done:
+                kind = running.pop(future)
+                try:
+                    outcome = future.result()
+                except BrokenProcessPool as exc:
+                    raise CsoError(
+                        "a worker process died (killed, or out of memory); finished runs are "
+                        "saved in the study: rerun the same command to resume, maybe with --jobs 1"
+                    ) from exc
+                if kind == "export":
+                    exports[outcome.variant] = outcome
+                    observer.exported(outcome)
+                    continue
+                t0 = time.perf_counter()
+                trial = record_trial(
+                    study,
+                    params=by_name[outcome.variant].params(),
+                    distributions=distributions,
+                    value=outcome.metrics.get("val_loss"),
+                    user_attrs=_trial_attrs(outcome),
+                    intermediate_values={h[0]: h[2] for h in outcome.history},
+                    artifact_store=store,
+                    checkpoint=outcome.checkpoint,
+                )
+                storage_s += time.perf_counter() - t0
+                observer.run_finished(outcome)
+                if outcome.error is not None:
+                    failures[outcome.variant].append(outcome.error)
+                    continue
+                completed[outcome.variant][outcome.repeat] = trial
+                if len(completed[outcome.variant]) == settings.repeats:
+                    submit_export(outcome.variant)
+
+    entries = [
+        _variant_entry(
+            v, list(completed[v.name].values()), failures[v.name], exports.get(v.name), settings
+        )
+        for v in settings.variants
+    ]
+    summary = _summary(entries, exports, split, dataset, settings.seed)
+    wall = time.perf_counter() - started
+    summary["timing"] = {
+        "wall_s": round(wall, 3),
+        "training_s": round(sum(e.get("training_time_s", 0.0) for e in entries), 3),
+        "storage_s": round(storage_s, 3),
+        "storage_share": round(storage_s / wall, 4),
+        "runs_trained": len(pending),
+        "runs_resumed": len(settings.variants) * settings.repeats - len(pending),
+        "jobs": settings.jobs,
+    }
+    results = {
+        "schema_version": RESULTS_SCHEMA,
+        "producer": f"cso {__version__}",
+        "data": {
+            "path": str(settings.data_path),
+            "fingerprint": dataset.fingerprint,
+            "records": dataset.n_records,
+            "features": list(dataset.feature_names),
+            "split": split.sizes,
+            "split_seed": settings.seed,
+        },
+        "study": {
+            "name": settings.study_name,
+            "storage": settings.storage,
+            "artifacts": str(settings.artifacts),
+        },
+        "settings": {
+            "epochs": settings.epochs,
+            "repeats": settings.repeats,
+            "device": settings.device,
+            "seed": settings.seed,
+        },
+        "variants": entries,
+        "summary": summary,
+    }
+    results_path = settings.output_dir / RESULTS_FILENAME
+    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    return GridOutcome(results=results, results_path=results_path, dataset=dataset)

@@ -1,0 +1,114 @@
+"""Live progress for long commands: a rich progress bar on a terminal, plain lines elsewhere."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from calling_score_opt.grid import ExportOutcome, GridObserver, RunOutcome
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+
+def _run_label(variant: str, repeat: int, repeats: int) -> str:
+    return f"{variant} (seed +{repeat})" if repeats > 1 else variant
+
+
+class GridProgress(GridObserver):
+    """Variants done, each running variant's epoch and the best validation loss so far.
+
+    On a terminal this is a live bar; otherwise (CI logs, pipes) one line per finished run;
+    ``quiet`` prints nothing.
+    """
+
+    def __init__(self, console: Console, repeats: int, quiet: bool = False) -> None:
+        self._console = console
+        self._repeats = repeats
+        self._quiet = quiet
+        self._live = console.is_terminal and not quiet
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._overall: TaskID | None = None
+        self._epoch_tasks: dict[tuple[str, int], TaskID] = {}
+        self._best: float | None = None
+        self._done = 0
+        self._total = 0
+
+    def __enter__(self) -> GridProgress:
+        if self._live:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def _note(self) -> str:
+        return f"best val {self._best:.5f}" if self._best is not None else ""
+
+    def started(self, runs_total: int, runs_done: int, jobs: int) -> None:
+        self._done, self._total = runs_done, runs_total
+        if runs_done and not self._quiet:
+            self._console.print(
+                f"Resuming: {runs_done} of {runs_total} runs are already in the study; "
+                f"training {runs_total - runs_done} with {jobs} worker(s)."
+            )
+        if self._live:
+            self._overall = self._progress.add_task(
+                "variants", total=runs_total, completed=runs_done, note=""
+            )
+
+    def epoch(self, variant: str, repeat: int, epoch: int, max_epochs: int, val: float) -> None:
+        if not self._live:
+            return
+        key = (variant, repeat)
+        if key not in self._epoch_tasks:
+            label = f"  {_run_label(variant, repeat, self._repeats)}"
+            self._epoch_tasks[key] = self._progress.add_task(label, total=max_epochs, note="")
+        self._progress.update(self._epoch_tasks[key], completed=epoch, note=f"val {val:.5f}")
+
+    def run_finished(self, outcome: RunOutcome) -> None:
+        self._done += 1
+        task = self._epoch_tasks.pop((outcome.variant, outcome.repeat), None)
+        if task is not None:
+            self._progress.remove_task(task)
+        val = outcome.metrics.get("val_loss")
+        if val is not None and (self._best is None or val < self._best):
+            self._best = val
+        if self._overall is not None:
+            self._progress.update(self._overall, completed=self._done, note=self._note())
+        if self._live or self._quiet:
+            return
+        label = _run_label(outcome.variant, outcome.repeat, self._repeats)
+        if outcome.error is not None:
+            self._console.print(f"[{self._done}/{self._total}] {label}: FAILED: {outcome.error}")
+            return
+        m = outcome.metrics
+        self._console.print(
+            f"[{self._done}/{self._total}] {label}: val {m['val_loss']:.5f} "
+            f"test {m['test_loss']:.5f}, {m['epochs_run']} epochs (best {m['best_epoch']}), "
+            f"{m['training_time_s']:.1f}s",
+            highlight=False,
+        )
+
+    def exported(self, outcome: ExportOutcome) -> None:
+        if outcome.error is not None and not self._quiet:
+            self._console.print(f"{outcome.variant}: export FAILED: {outcome.error}")

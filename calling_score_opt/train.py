@@ -1,0 +1,267 @@
+"""One training run: Adam on MSE, early stopping on validation loss, best weights restored.
+
+The trainer knows nothing about Optuna or the CLI: it takes a :class:`TrainConfig`, a
+:class:`~calling_score_opt.data.Split` and an optional per-epoch callback (which may raise to stop
+the run, which is how a search prunes a trial).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calling_score_opt.data import Array, Scaling, Split
+from calling_score_opt.errors import ConfigError, TrainingError
+from calling_score_opt.model import CallingScoreModel, build_network, count_parameters
+
+PATIENCE = 10
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run's result (the seed included)."""
+
+    learning_rate: float = 0.001
+    batch_size: int = 32
+    hidden_sizes: tuple[int, ...] = (128, 64)
+    dropout: float = 0.2
+    epochs: int = 100
+    patience: int = PATIENCE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
+            raise ConfigError(f"hidden sizes must be positive widths, got {self.hidden_sizes}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.epochs < 1 or self.patience < 1:
+            raise ConfigError(
+                f"epochs and patience must be >= 1, got {self.epochs}, {self.patience}"
+            )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The four searchable settings, as JSON-friendly values."""
+        return {
+            "learning_rate": self.learning_rate,
+            "batch_size": self.batch_size,
+            "hidden_sizes": list(self.hidden_sizes),
+            "dropout": self.dropout,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["hidden_sizes"] = list(self.hidden_sizes)
+        return values
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    """Losses after one epoch (1-based); ``train_loss``: exact mean over the epoch's samples."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+
+
+EpochCallback = Callable[[EpochStats], None]
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the best epoch's model (eval mode, on the CPU) and its exact losses."""
+
+    model: CallingScoreModel
+    config: TrainConfig
+    best_epoch: int
+    epochs_run: int
+    train_loss: float  # all three: exact per-sample MSE of the restored model, eval mode
+    val_loss: float
+    test_loss: float
+    training_time_s: float
+    history: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def parameters(self) -> int:
+        return count_parameters(self.model)
+
+    def predict(self, x: Array) -> Array:
+        """Scores for raw features ``x`` (float32, ``[N]``)."""
+        with torch.no_grad():
+            out: Array = self.model(torch.from_numpy(x)).numpy()
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when available) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _single_thread(device: torch.device) -> Iterator[None]:
+    # On these tiny matrices one thread is faster than two, and it makes results independent of
+    # how many threads (or worker processes) happen to be in use.
+    before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _mse(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((model(x) - y).double() ** 2).mean())
+
+
+def train_model(
+    split: Split,
+    config: TrainConfig,
+    device: str = "cpu",
+    on_epoch: EpochCallback | None = None,
+) -> TrainResult:
+    """Train one model on ``split`` and return it with the best validation epoch's weights.
+
+    Raises:
+        TrainingError: the loss became non-finite (diverged).
+        ConfigError: the device is not available.
+    """
+    dev = resolve_device(device)
+    started = time.perf_counter()
+    with _single_thread(dev):
+        torch.manual_seed(config.seed)  # weights and dropout masks
+        shuffle = torch.Generator().manual_seed(config.seed)  # batch order, apart from dropout
+
+        scaling = Scaling.fit(split.x_train)
+        n_features = split.x_train.shape[1]
+        network = build_network(n_features, config.hidden_sizes, config.dropout)
+        model = CallingScoreModel(network, scaling).to(dev)
+
+        def tensors(x: Array, y: Array) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
+
+        x_train, y_train = tensors(split.x_train, split.y_train)
+        x_val, y_val = tensors(split.x_val, split.y_val)
+        # The network trains on pre-scaled inputs: the same arithmetic as the model's own
+        # scaling, done once instead of at every step.
+        x_train_scaled = model.scale(x_train)
+        x_val_scaled = model.scale(x_val)
+
+        optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate, fused=True)
+        n_train = len(y_train)
+        best_val, best_epoch = math.inf, 0
+        best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        history: list[EpochStats] = []
+        for epoch in range(1, config.epochs + 1):
+            network.train()
+            order = torch.randperm(n_train, generator=shuffle).to(dev)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            for start in range(0, n_train, config.batch_size):
+                batch = order[start : start + config.batch_size]
+                pred = network(x_train_scaled[batch]).squeeze(-1)
+                loss = F.mse_loss(pred, y_train[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                loss_sum += loss.detach() * len(batch)  # stays on the device: no sync per batch
+            network.eval()
+            train_loss = float(loss_sum) / n_train
+            val_loss = _mse(network, x_val_scaled, y_val.unsqueeze(-1))
+            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                raise TrainingError(
+                    f"loss became non-finite at epoch {epoch} (train {train_loss}, val {val_loss}) "
+                    f"with learning rate {config.learning_rate:g}; try a lower learning rate"
+                )
+            stats = EpochStats(epoch, train_loss, val_loss)
+            history.append(stats)
+            if on_epoch is not None:
+                on_epoch(stats)
+            if val_loss < best_val:
+                best_val, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                break
+
+        network.load_state_dict(best_state)
+        model = model.cpu().eval()
+        x_t, y_t = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
+        x_v, y_v = torch.from_numpy(split.x_val), torch.from_numpy(split.y_val)
+        x_s, y_s = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
+        result = TrainResult(
+            model=model,
+            config=config,
+            best_epoch=best_epoch,
+            epochs_run=len(history),
+            train_loss=_mse(model, x_t, y_t),
+            val_loss=_mse(model, x_v, y_v),
+            test_loss=_mse(model, x_s, y_s),
+            training_time_s=time.perf_counter() - started,
+            history=history,
+        )
+    return result
+
+
+def prediction_errors(
+    result: TrainResult, x: Array, y: Array
+) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """Per-sample squared errors of ``result`` on ``(x, y)`` (for paired comparisons)."""
+    return (result.predict(x).astype(np.float64) - y.astype(np.float64)) ** 2
+
+
+CHECKPOINT_FORMAT = "cso-checkpoint/1"
+
+
+def checkpoint_bytes(result: TrainResult, feature_names: tuple[str, ...]) -> bytes:
+    """The trained model as a file that carries its configuration and scaling (torch.save)."""
+    import io
+
+    model = result.model
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": result.config.to_dict(),
+        "feature_names": list(feature_names),
+        "feature_mean": model.feature_mean.clone(),
+        "feature_std": model.feature_std.clone(),
+        "network": {k: v.clone() for k, v in model.network.state_dict().items()},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(data: bytes) -> tuple[CallingScoreModel, TrainConfig, tuple[str, ...]]:
+    """Rebuild the model (eval mode), its configuration and feature names from a checkpoint."""
+    import io
+
+    try:
+        payload = torch.load(io.BytesIO(data), weights_only=True)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"format {payload.get('format')!r}")
+        values = dict(payload["config"])
+        values["hidden_sizes"] = tuple(values["hidden_sizes"])
+        config = TrainConfig(**values)
+        mean, std = payload["feature_mean"], payload["feature_std"]
+        network = build_network(int(mean.shape[0]), config.hidden_sizes, config.dropout)
+        network.load_state_dict(payload["network"])
+    except Exception as exc:  # a damaged or foreign file can fail in many ways
+        raise TrainingError(f"stored weights cannot be read ({exc}); retrain the trial") from exc
+    scaling = Scaling(mean=mean.numpy(), std=std.numpy())
+    return CallingScoreModel(network, scaling).eval(), config, tuple(payload["feature_names"])

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from calling_score_opt.errors import CsoError
@@ -23,12 +24,16 @@ DEFAULT_GRID_DIR = Path("assets/models/optimized")
 DEFAULT_TRAIN_OUTPUT = Path("assets/models/calling_score_model_custom.onnx")
 
 app = typer.Typer(
-    help="cso: train, search, export and ship the app's calling-score model.",
+    help="cso: train, search, export and ship the app's calling-score model.\n\n"
+    "Example: cso grid   (the 15 documented variants on the default data)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Check or generate training data files.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Check or generate training data files.\n\nExample: cso data check data/export.json",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -45,7 +50,9 @@ def _fails_cleanly(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except CsoError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished work is kept; rerun the command to resume")
@@ -230,11 +237,11 @@ def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
         console.print(f"[bold red]Failed variants ({len(summary['failed'])}):[/]")
         for failure in summary["failed"]:
             console.print(
-                f"  {failure['name']}: {failure['error']}", highlight=False, soft_wrap=True
+                f"  {failure['name']}: {escape(failure['error'])}", highlight=False, soft_wrap=True
             )
     timing = summary["timing"]
     console.print(
-        f"Results: {results_path} ({timing['runs_trained']} runs trained, "
+        f"Results: {escape(str(results_path))} ({timing['runs_trained']} runs trained, "
         f"{timing['runs_resumed']} resumed, {timing['wall_s']:.1f}s)",
         highlight=False,
     )
@@ -337,8 +344,14 @@ def data_check(
     report = check_dataset(dataset)
     q = report.label_quantiles
     sources = ", ".join(f"{n:,} from {k}" for k, n in dataset.label_sources.items() if n)
-    console.print(f"[bold]{path}[/]: {dataset.n_records:,} records, {dataset.n_features} features")
-    console.print(f"Labels ({sources}): mean {report.label_mean:.4f}, std {report.label_std:.4f}")
+    console.print(
+        f"[bold]{escape(str(path))}[/]: {dataset.n_records:,} records, "
+        f"{dataset.n_features} features",
+        highlight=False,
+    )
+    console.print(
+        f"Labels ({escape(sources)}): mean {report.label_mean:.4f}, std {report.label_std:.4f}"
+    )
     console.print(
         f"  min {q['min']:.4f}  q25 {q['q25']:.4f}  median {q['median']:.4f}  "
         f"q75 {q['q75']:.4f}  max {q['max']:.4f}",
@@ -347,7 +360,9 @@ def data_check(
     if dataset.irreducible_mse is not None:
         console.print(f"Irreducible error recorded in metadata: MSE {dataset.irreducible_mse:.5f}")
     if dataset.ignored_columns:
-        console.print(f"Ignored (non-numeric) columns: {', '.join(dataset.ignored_columns)}")
+        console.print(
+            f"Ignored (non-numeric) columns: {escape(', '.join(dataset.ignored_columns))}"
+        )
     if report.defaulted:
         table = Table(
             title="Features defaulted to 0.5 (key missing in the record)", title_justify="left"
@@ -355,18 +370,18 @@ def data_check(
         table.add_column("feature")
         table.add_column("records", justify="right")
         for name, count in report.defaulted.items():
-            table.add_row(name, f"{count:,} ({count / dataset.n_records:.0%})")
+            table.add_row(escape(name), f"{count:,} ({count / dataset.n_records:.0%})")
         console.print(table)
     else:
         console.print("Every feature is present in every record (nothing defaulted to 0.5).")
     if report.constant_features:
         console.print(
             f"[yellow]Constant features ({len(report.constant_features)}), the model cannot "
-            f"learn from them:[/] {', '.join(report.constant_features)}"
+            f"learn from them:[/] {escape(', '.join(report.constant_features))}"
         )
     if report.out_of_range:
         values = ", ".join(f"{n} ({c})" for n, c in report.out_of_range.items())
-        console.print(f"[yellow]Values outside [0, 1]:[/] {values}")
+        console.print(f"[yellow]Values outside \\[0, 1]:[/] {escape(values)}")
     require_trainable(dataset, report)
     console.print("[green]OK[/]: this file can be trained on.")
 

@@ -137,7 +137,7 @@ def _fingerprint(raw: bytes) -> str:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
-        raise DataError(f"{path}: file not found; pass an existing file with --data-path")
+        raise DataError(f"{path}: file not found; check the path and pass an existing file")
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not a data file; pass a .json or .csv file")
     try:
@@ -151,7 +151,10 @@ def _number(path: Path, index: int, name: str, value: object) -> float:
     where = f"{path}: record {index}, field '{name}'"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(f"{where}: {value!r} is not a number; fix or remove the record")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        number = math.inf
     if not math.isfinite(number):
         raise DataError(f"{where}: {value!r} is not a finite number; fix or remove the record")
     return number
@@ -196,6 +199,8 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
         ) from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text, so not JSON; is this the app's export?") from exc
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise DataError(f"{path}: cannot be parsed as JSON ({exc}); fix the file") from exc
     records = _records_of(path, document)
     if not records:
         raise DataError(f"{path}: contains no records; there is nothing to train on")

@@ -138,14 +138,12 @@ _worker: dict[str, Any] = {}  # the split, device and event queue of this worker
 
 
 def _init_worker(split: Split, device: str, events: Any) -> None:
-    import logging
     import os
 
     import torch
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    logging.getLogger("torch").setLevel(logging.ERROR)  # exporter chatter, not for users
     _worker.update(split=split, device=device, events=events)
 
 
@@ -369,10 +367,12 @@ def _variant_entry(
     config = {**variant.train_config(settings.epochs, settings.seed).hyperparameters()}
     config.update(epochs=settings.epochs, patience=variant.train_config(1, 0).patience)
     entry: dict[str, Any] = {"name": variant.name, "config": config}
-    if not trials or (export is not None and export.error is not None):
+    if len(trials) < settings.repeats or export is None or export.error is not None:
         error = failures[-1] if failures else "no completed run"
         if export is not None and export.error is not None:
             error = export.error
+        elif trials:
+            error = f"{len(trials)} of {settings.repeats} repeats completed; last error: {error}"
         return {**entry, "success": False, "error": error}
     chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
     attrs = chosen.user_attrs
@@ -453,7 +453,7 @@ def _summary(
     }
     if baseline is not None:
         summary["baseline"] = {k: baseline[k] for k in ("name", "val_loss", "test_loss")}
-        base_pred = exports[BASELINE_NAME].test_predictions
+        base_pred = exports[BASELINE_NAME].test_predictions  # both succeeded: both exported
         best_pred = exports[best["name"]].test_predictions
         if base_pred is not None and best_pred is not None:
             y = split.y_test.astype(np.float64)

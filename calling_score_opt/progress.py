@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -99,11 +100,14 @@ class GridProgress(GridObserver):
             return
         label = _run_label(outcome.variant, outcome.repeat, self._repeats)
         if outcome.error is not None:
-            self._console.print(f"[{self._done}/{self._total}] {label}: FAILED: {outcome.error}")
+            self._console.print(
+                f"\\[{self._done}/{self._total}] {label}: FAILED: {escape(outcome.error)}",
+                highlight=False,
+            )
             return
         m = outcome.metrics
         self._console.print(
-            f"[{self._done}/{self._total}] {label}: val {m['val_loss']:.5f} "
+            f"\\[{self._done}/{self._total}] {label}: val {m['val_loss']:.5f} "
             f"test {m['test_loss']:.5f}, {m['epochs_run']} epochs (best {m['best_epoch']}), "
             f"{m['training_time_s']:.1f}s",
             highlight=False,
@@ -111,4 +115,6 @@ class GridProgress(GridObserver):
 
     def exported(self, outcome: ExportOutcome) -> None:
         if outcome.error is not None and not self._quiet:
-            self._console.print(f"{outcome.variant}: export FAILED: {outcome.error}")
+            self._console.print(
+                f"{outcome.variant}: export FAILED: {escape(outcome.error)}", highlight=False
+            )

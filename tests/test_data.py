@@ -1,0 +1,616 @@
+"""Loading, checking and splitting training data (CONTRACTS §1)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import make_record, make_records, write_json
+
+from calling_score_opt.data import (
+    FEATURE_NAMES,
+    MIN_RECORDS,
+    N_FEATURES,
+    Dataset,
+    Scaling,
+    check_dataset,
+    load_dataset,
+    require_trainable,
+    split_dataset,
+)
+from calling_score_opt.errors import CsoError, DataError
+from calling_score_opt.train import TrainConfig, train_model
+
+VIBE = [
+    "exploration_eagerness",
+    "community_orientation",
+    "authenticity_preference",
+    "social_discovery_style",
+    "temporal_flexibility",
+    "location_adventurousness",
+    "curation_tendency",
+    "trust_network_reliance",
+    "energy_preference",
+    "novelty_seeking",
+    "value_orientation",
+    "crowd_tolerance",
+]
+CONTEXT = [
+    "location_proximity",
+    "journey_alignment",
+    "user_receptivity",
+    "opportunity_availability",
+    "network_effects",
+    "community_patterns",
+    "vibe_compatibility",
+    "energy_match",
+    "community_match",
+    "novelty_match",
+]
+TIMING = [
+    "optimal_time_of_day",
+    "optimal_day_of_week",
+    "user_patterns",
+    "opportunity_timing",
+    "timing_alignment",
+]
+#: CONTRACTS §1, written out independently of the package.
+DOCUMENTED_ORDER = (
+    [f"user_vibe_dimensions.{n}" for n in VIBE]
+    + [f"spot_vibe_dimensions.{n}" for n in VIBE]
+    + [f"context_features.{n}" for n in CONTEXT]
+    + [f"timing_features.{n}" for n in TIMING]
+)
+
+
+def by_column(i: int, c: int) -> float:
+    """A value that tells which record and column it came from."""
+    return round(i + (c + 1) / 100, 4)
+
+
+# --- the documented feature order ----------------------------------------------------------
+
+
+def test_feature_names_are_the_39_documented_inputs_in_order() -> None:
+    assert len(DOCUMENTED_ORDER) == 39
+    assert list(FEATURE_NAMES) == DOCUMENTED_ORDER
+    assert N_FEATURES == 39
+
+
+def test_each_value_lands_in_its_documented_column(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "d.json", {"training_data": make_records(25, value=by_column)})
+    dataset = load_dataset(path)
+    assert dataset.features.shape == (25, 39)
+    assert dataset.features.dtype == np.float32
+    expected = np.array([[by_column(i, c) for c in range(39)] for i in range(25)], np.float32)
+    np.testing.assert_array_equal(dataset.features, expected)
+    # two spot checks against the contract table
+    assert FEATURE_NAMES[23] == "spot_vibe_dimensions.crowd_tolerance"
+    assert dataset.features[4, 23] == pytest.approx(4.24)
+    assert FEATURE_NAMES[38] == "timing_features.timing_alignment"
+    assert dataset.features[4, 38] == pytest.approx(4.39)
+    assert FEATURE_NAMES[12] == "spot_vibe_dimensions.exploration_eagerness"
+    assert dataset.features[0, 12] == pytest.approx(0.13)
+
+
+def test_key_order_inside_a_group_does_not_matter(tmp_path: Path) -> None:
+    records = make_records(25, value=by_column)
+    for record in records:
+        record["timing_features"] = dict(reversed(list(record["timing_features"].items())))
+    dataset = load_dataset(write_json(tmp_path / "d.json", records))
+    assert dataset.features[3, 34] == pytest.approx(3.35)  # optimal_time_of_day
+    assert dataset.features[3, 38] == pytest.approx(3.39)  # timing_alignment
+
+
+# --- the three accepted layouts ------------------------------------------------------------
+
+
+def test_loads_export_with_metadata(tmp_path: Path) -> None:
+    document = {
+        "metadata": {"num_samples": 25, "source": "hybrid_big_five", "irreducible_mse": 0.004},
+        "training_data": make_records(25),
+    }
+    dataset = load_dataset(write_json(tmp_path / "d.json", document))
+    assert dataset.n_records == 25
+    assert dataset.metadata["source"] == "hybrid_big_five"
+    assert dataset.irreducible_mse == pytest.approx(0.004)
+
+
+def test_loads_export_without_metadata(tmp_path: Path) -> None:
+    dataset = load_dataset(write_json(tmp_path / "d.json", {"training_data": make_records(25)}))
+    assert dataset.n_records == 25
+    assert dict(dataset.metadata) == {}
+    assert dataset.irreducible_mse is None
+
+
+def test_loads_bare_list_of_records(tmp_path: Path) -> None:
+    records = make_records(25, value=by_column)
+    bare = load_dataset(write_json(tmp_path / "bare.json", records))
+    wrapped = load_dataset(write_json(tmp_path / "wrapped.json", {"training_data": records}))
+    assert bare.n_records == 25
+    np.testing.assert_array_equal(bare.features, wrapped.features)
+    np.testing.assert_array_equal(bare.labels, wrapped.labels)
+
+
+def test_fingerprint_is_sha256_of_the_file_bytes(synth_file: Path) -> None:
+    dataset = load_dataset(synth_file)
+    assert dataset.fingerprint == "sha256:" + hashlib.sha256(synth_file.read_bytes()).hexdigest()
+
+
+# --- labels --------------------------------------------------------------------------------
+
+
+def test_label_is_outcome_score_else_formula_score(tmp_path: Path) -> None:
+    records = make_records(24)
+    records[0]["outcome_score"], records[0]["formula_calling_score"] = 0.9, 0.1
+    del records[1]["outcome_score"]
+    records[1]["formula_calling_score"] = 0.25
+    records[2]["outcome_score"] = None  # null counts as absent
+    records[2]["formula_calling_score"] = 0.75
+    dataset = load_dataset(write_json(tmp_path / "d.json", records))
+    assert dataset.labels[0] == pytest.approx(0.9)
+    assert dataset.labels[1] == pytest.approx(0.25)
+    assert dataset.labels[2] == pytest.approx(0.75)
+    assert dict(dataset.label_sources) == {"outcome_score": 22, "formula_calling_score": 2}
+
+
+@pytest.mark.parametrize("label", [0.0, 1.0])
+def test_labels_at_the_bounds_are_accepted(tmp_path: Path, label: float) -> None:
+    records = make_records(25)
+    records[3]["outcome_score"] = label
+    assert load_dataset(write_json(tmp_path / "d.json", records)).labels[3] == label
+
+
+# --- missing and extra keys ----------------------------------------------------------------
+
+
+def test_missing_key_is_0_5_and_counted_as_defaulted(tmp_path: Path) -> None:
+    records = make_records(30, value=lambda i, c: 0.9)
+    for record in records[:12]:
+        # what the existing generators do: numbered names instead of the documented ones
+        record["context_features"]["context_feature_7"] = record["context_features"].pop(
+            "vibe_compatibility"
+        )
+        del record["timing_features"]["timing_alignment"]
+    del records[20]["user_vibe_dimensions"]  # a whole group missing
+    records[21]["spot_vibe_dimensions"] = None  # null group: missing too
+    dataset = load_dataset(write_json(tmp_path / "d.json", records))
+
+    vibe_compat = FEATURE_NAMES.index("context_features.vibe_compatibility")
+    timing_alignment = FEATURE_NAMES.index("timing_features.timing_alignment")
+    assert (vibe_compat, timing_alignment) == (30, 38)
+    assert np.all(dataset.features[:12, 30] == 0.5)
+    assert np.all(dataset.features[12:, 30] == pytest.approx(0.9))
+    assert np.all(dataset.features[:12, 38] == 0.5)
+    assert np.all(dataset.features[20, :12] == 0.5)
+    assert np.all(dataset.features[21, 12:24] == 0.5)
+    assert dataset.n_features == 39  # the extra context_feature_7 key is not a feature
+
+    expected = np.zeros(39, dtype=np.int64)
+    expected[30] = expected[38] = 12
+    expected[:12] = 1
+    expected[12:24] = 1
+    assert dataset.defaulted is not None
+    np.testing.assert_array_equal(dataset.defaulted, expected)
+
+    report = check_dataset(dataset)
+    assert report.defaulted["context_features.vibe_compatibility"] == 12
+    assert report.defaulted["timing_features.timing_alignment"] == 12
+    assert report.defaulted["user_vibe_dimensions.crowd_tolerance"] == 1
+    assert "context_features.energy_match" not in report.defaulted
+
+
+def test_constant_defaulted_feature_is_reported_constant(tmp_path: Path) -> None:
+    records = make_records(30)
+    for record in records:
+        del record["context_features"]["novelty_match"]
+    report = check_dataset(load_dataset(write_json(tmp_path / "d.json", records)))
+    assert report.constant_features == ("context_features.novelty_match",)
+    assert report.defaulted == {"context_features.novelty_match": 30}
+    assert report.problems == ()  # constant inputs are reported, not fatal
+
+
+def test_extra_keys_are_ignored(tmp_path: Path) -> None:
+    plain = make_records(25, value=by_column)
+    extra = make_records(25, value=by_column)
+    for record in extra:
+        record["spot_vibe_dimensions"]["spot_rating"] = "four stars"  # not even a number
+        record["context_features"]["distance_km"] = 12.5
+        record["is_called"] = True
+        record["outcome_type"] = "positive"
+        record["timestamp"] = "2026-01-01T00:00:00Z"
+        record["something_new"] = {"nested": [1, 2]}
+    a = load_dataset(write_json(tmp_path / "plain.json", plain))
+    b = load_dataset(write_json(tmp_path / "extra.json", extra))
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert b.defaulted is not None and int(b.defaulted.sum()) == 0
+
+
+def test_synthetic_file_has_nothing_defaulted(tiny_dataset: Dataset) -> None:
+    assert tiny_dataset.defaulted is not None
+    assert int(tiny_dataset.defaulted.sum()) == 0
+    assert tiny_dataset.n_records == 200
+    assert dict(tiny_dataset.label_sources) == {"outcome_score": 200, "formula_calling_score": 0}
+
+
+# --- bad input: one DataError naming the file, the record and the field --------------------
+
+
+def _records_with(change: Any) -> list[dict[str, Any]]:
+    records = make_records(25)
+    change(records)
+    return records
+
+
+def _set(path: tuple[str, ...], value: Any, index: int = 3) -> Any:
+    def change(records: list[dict[str, Any]]) -> None:
+        target = records[index]
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+#: (id, file text, fragments the message must contain)
+BAD_JSON: list[tuple[str, str, tuple[str, ...]]] = [
+    ("not-json", '{"training_data": [', ("not valid JSON", "line 1")),
+    ("empty-file", "", ("not valid JSON",)),
+    ("top-level-string", '"hello"', ("top level is str",)),
+    ("top-level-number", "42", ("top level is int",)),
+    ("object-without-training-data", '{"records": []}', ("no 'training_data' list",)),
+    ("training-data-not-a-list", '{"training_data": {"a": 1}}', ("'training_data' is dict",)),
+    ("empty-list", "[]", ("contains no records",)),
+    ("empty-training-data", '{"metadata": {}, "training_data": []}', ("contains no records",)),
+    (
+        "record-not-an-object",
+        json.dumps([*make_records(3), [0.1, 0.2], *make_records(20)]),
+        ("record 3 is list, not an object",),
+    ),
+    (
+        "group-not-an-object",
+        json.dumps(_records_with(_set(("context_features",), [0.5] * 10))),
+        ("record 3", "'context_features'", "not an object"),
+    ),
+    (
+        "non-numeric-value",
+        json.dumps(_records_with(_set(("spot_vibe_dimensions", "crowd_tolerance"), "high"))),
+        ("record 3", "'spot_vibe_dimensions.crowd_tolerance'", "'high' is not a number"),
+    ),
+    (
+        "null-value",
+        json.dumps(_records_with(_set(("timing_features", "user_patterns"), None))),
+        ("record 3", "'timing_features.user_patterns'", "None is not a number"),
+    ),
+    (
+        "bool-value",
+        json.dumps(_records_with(_set(("user_vibe_dimensions", "novelty_seeking"), True))),
+        ("record 3", "'user_vibe_dimensions.novelty_seeking'", "True is not a number"),
+    ),
+    (
+        "nan-literal",
+        json.dumps(_records_with(_set(("context_features", "energy_match"), float("nan")))),
+        ("record 3", "'context_features.energy_match'", "not a finite number"),
+    ),
+    (
+        "infinity-literal",
+        json.dumps(_records_with(_set(("context_features", "energy_match"), float("inf")))),
+        ("record 3", "'context_features.energy_match'", "not a finite number"),
+    ),
+    (
+        "nan-label",
+        json.dumps(_records_with(_set(("outcome_score",), float("nan")))),
+        ("record 3", "'outcome_score'", "not a finite number"),
+    ),
+    (
+        "bool-label",
+        json.dumps(_records_with(_set(("outcome_score",), False))),
+        ("record 3", "'outcome_score'", "False is not a number"),
+    ),
+    (
+        "label-above-1",
+        json.dumps(_records_with(_set(("outcome_score",), 1.5))),
+        ("record 3", "'outcome_score'", "1.5 is outside [0, 1]"),
+    ),
+    (
+        "label-below-0",
+        json.dumps(_records_with(_set(("outcome_score",), -0.01))),
+        ("record 3", "'outcome_score'", "outside [0, 1]"),
+    ),
+    (
+        "formula-label-outside",
+        json.dumps(
+            _records_with(
+                lambda rs: (rs[3].pop("outcome_score"), rs[3].update(formula_calling_score=2))
+            )
+        ),
+        ("record 3", "'formula_calling_score'", "outside [0, 1]"),
+    ),
+    (
+        "missing-label",
+        json.dumps(
+            _records_with(
+                lambda rs: (rs[3].pop("outcome_score"), rs[3].pop("formula_calling_score"))
+            )
+        ),
+        ("record 3", "'outcome_score'", "missing", "formula_calling_score"),
+    ),
+    (
+        "too-few-records",
+        json.dumps({"training_data": make_records(MIN_RECORDS - 1)}),
+        ("19 records", "at least 20"),
+    ),
+]
+
+
+def test_nan_and_infinity_cases_really_use_the_json_literals() -> None:
+    texts = {case_id: text for case_id, text, _ in BAD_JSON}
+    assert "NaN" in texts["nan-literal"]
+    assert "Infinity" in texts["infinity-literal"]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"), [c[1:] for c in BAD_JSON], ids=[c[0] for c in BAD_JSON]
+)
+def test_bad_json_raises_data_error_naming_file_record_and_field(
+    tmp_path: Path, text: str, fragments: tuple[str, ...]
+) -> None:
+    path = tmp_path / "export.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path)
+    message = str(excinfo.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+    assert "\n" not in message
+    assert excinfo.value.exit_code == 2
+
+
+def test_exactly_min_records_is_enough(tmp_path: Path) -> None:
+    dataset = load_dataset(write_json(tmp_path / "d.json", make_records(MIN_RECORDS)))
+    assert dataset.n_records == 20
+
+
+def test_missing_file_raises_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.json: file not found"):
+        load_dataset(tmp_path / "nope.json")
+
+
+def test_folder_raises_data_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is a folder"):
+        load_dataset(tmp_path)
+
+
+def test_binary_file_raises_data_error(tmp_path: Path) -> None:
+    path = tmp_path / "blob.json"
+    path.write_bytes(b"\xff\xfe\x00garbage\x80")
+    with pytest.raises(DataError, match=r"blob\.json"):
+        load_dataset(path)
+
+
+def test_first_bad_record_is_the_one_named(tmp_path: Path) -> None:
+    records = make_records(30)
+    records[17]["user_vibe_dimensions"]["energy_preference"] = "x"
+    records[25]["user_vibe_dimensions"]["energy_preference"] = "y"
+    with pytest.raises(DataError, match=r"record 17, field 'user_vibe_dimensions\.energy_pref"):
+        load_dataset(write_json(tmp_path / "d.json", records))
+
+
+def test_data_error_is_a_cso_error() -> None:
+    assert issubclass(DataError, CsoError)
+
+
+def test_untrainable_file_is_refused(tmp_path: Path) -> None:
+    records = [make_record(i, label=0.7) for i in range(25)]  # every label the same
+    dataset = load_dataset(write_json(tmp_path / "flat.json", records))
+    report = check_dataset(dataset)
+    assert report.label_std == 0.0
+    assert any("every label is 0.7" in p for p in report.problems)
+    assert any("every feature is constant" in p for p in report.problems)
+    with pytest.raises(DataError, match=r"flat\.json: cannot be trained on: every label"):
+        require_trainable(dataset)
+
+
+def test_check_reports_values_outside_0_1(tmp_path: Path) -> None:
+    records = make_records(25)
+    records[2]["context_features"]["location_proximity"] = 3.0
+    records[5]["context_features"]["location_proximity"] = -1.0
+    report = check_dataset(load_dataset(write_json(tmp_path / "d.json", records)))
+    assert report.out_of_range == {"context_features.location_proximity": 2}
+    assert report.problems == ()
+
+
+def test_check_label_summary(tmp_path: Path) -> None:
+    records = [make_record(i, value=by_column, label=i / 20) for i in range(21)]
+    report = check_dataset(load_dataset(write_json(tmp_path / "d.json", records)))
+    assert report.label_mean == pytest.approx(0.5)
+    assert report.label_quantiles["min"] == 0.0
+    assert report.label_quantiles["median"] == pytest.approx(0.5)
+    assert report.label_quantiles["max"] == 1.0
+
+
+def test_target_option_is_refused_for_json(synth_file: Path) -> None:
+    with pytest.raises(DataError, match="--target applies to CSV files only"):
+        load_dataset(synth_file, target="outcome_score")
+
+
+# --- CSV -----------------------------------------------------------------------------------
+
+
+def _csv(tmp_path: Path, header: str, rows: list[str], name: str = "d.csv") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
+    return path
+
+
+def _csv_rows(n: int = 25) -> list[str]:
+    return [
+        f"u{i},{i / 100},{(i % 7) / 7:.4f},{(i % 10) / 10},2026-01-{i % 28 + 1:02d},{i}"
+        for i in range(n)
+    ]
+
+
+def test_csv_with_target_numeric_columns_are_features(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "user,a,b,score,date,n", _csv_rows())
+    dataset = load_dataset(path, target="score")
+    assert dataset.feature_names == ("a", "b", "n")
+    assert dataset.ignored_columns == ("user", "date")
+    assert dataset.features.shape == (25, 3)
+    assert dataset.features[7].tolist() == pytest.approx([0.07, 0.0, 7.0])
+    assert dataset.labels[7] == pytest.approx(0.7)
+    assert dict(dataset.label_sources) == {"score": 25}
+    assert dataset.defaulted is not None and int(dataset.defaulted.sum()) == 0
+
+
+def test_csv_with_bom_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("\ufeffa,score\n" + "\n".join(f"{i},{i / 40}\n" for i in range(25)), "utf-8")
+    dataset = load_dataset(path, target="score")
+    assert dataset.feature_names == ("a",)
+    assert dataset.n_records == 25
+
+
+def test_csv_without_target_is_refused(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "user,a,b,score,date,n", _csv_rows())
+    with pytest.raises(DataError, match="needs --target COLUMN"):
+        load_dataset(path)
+
+
+def test_csv_unknown_target_lists_columns(tmp_path: Path) -> None:
+    path = _csv(tmp_path, "user,a,b,score,date,n", _csv_rows())
+    with pytest.raises(DataError, match=r"no column 'label'.*user, a, b, score, date, n"):
+        load_dataset(path, target="label")
+
+
+@pytest.mark.parametrize(
+    ("row", "fragments"),
+    [
+        ("u3,0.1,0.2,oops,2026-01-01,3", ("record 3", "'score'", "'oops' is not a number")),
+        ("u3,0.1,0.2,1.2,2026-01-01,3", ("record 3", "'score'", "outside [0, 1]")),
+        ("u3,nan,0.2,0.5,2026-01-01,3", ("record 3", "'a'", "not a finite number")),
+        ("u3,0.1,inf,0.5,2026-01-01,3", ("record 3", "'b'", "not a finite number")),
+        ("u3,0.1,0.2,0.5", ("record 3 (line 5)", "has 4 cells", "header has 6")),
+    ],
+    ids=["text-label", "label-outside", "nan-feature", "inf-feature", "ragged-row"],
+)
+def test_bad_csv_row_names_record_and_field(
+    tmp_path: Path, row: str, fragments: tuple[str, ...]
+) -> None:
+    rows = _csv_rows()
+    rows[3] = row
+    path = _csv(tmp_path, "user,a,b,score,date,n", rows)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path, target="score")
+    message = str(excinfo.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "empty CSV"),
+        ("a,score\n", "no rows"),
+        ("user,score\n" + "\n".join(f"u{i},0.5" for i in range(25)), "no numeric column"),
+        ("a,score\n" + "\n".join(f"{i},0.5" for i in range(5)), "5 records"),
+    ],
+    ids=["empty", "header-only", "no-features", "too-few"],
+)
+def test_unusable_csv_is_refused(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=fragment):
+        load_dataset(path, target="score")
+
+
+# --- splitting and scaling -----------------------------------------------------------------
+
+
+def _indexed_dataset(tmp_path: Path, n: int = 200) -> Dataset:
+    """Column 0 holds the record index, so every split row says where it came from."""
+    return load_dataset(
+        write_json(
+            tmp_path / "idx.json",
+            make_records(n, value=lambda i, c: float(i) if c == 0 else (i * c % 13) / 13),
+        )
+    )
+
+
+def _ids(x: np.ndarray) -> list[int]:
+    return [int(v) for v in x[:, 0]]
+
+
+def test_split_is_70_15_15_disjoint_and_complete(tmp_path: Path) -> None:
+    split = split_dataset(_indexed_dataset(tmp_path), seed=0)
+    assert split.sizes == {"train": 140, "val": 30, "test": 30}
+    train, val, test = _ids(split.x_train), _ids(split.x_val), _ids(split.x_test)
+    assert set(train).isdisjoint(val)
+    assert set(train).isdisjoint(test)
+    assert set(val).isdisjoint(test)
+    assert sorted(train + val + test) == list(range(200))
+    # labels travel with their rows
+    dataset = _indexed_dataset(tmp_path)
+    np.testing.assert_array_equal(split.y_test, dataset.labels[test])
+
+
+def test_split_of_the_minimum_leaves_three_to_validate_and_test(tmp_path: Path) -> None:
+    split = split_dataset(_indexed_dataset(tmp_path, MIN_RECORDS), seed=3)
+    assert split.sizes == {"train": 14, "val": 3, "test": 3}
+
+
+def test_split_is_deterministic_by_seed(tmp_path: Path) -> None:
+    dataset = _indexed_dataset(tmp_path)
+    a, b = split_dataset(dataset, seed=42), split_dataset(dataset, seed=42)
+    assert _ids(a.x_train) == _ids(b.x_train)
+    assert _ids(a.x_test) == _ids(b.x_test)
+    c = split_dataset(dataset, seed=43)
+    assert set(_ids(a.x_test)) != set(_ids(c.x_test))
+    assert set(_ids(a.x_train)) != set(_ids(c.x_train))
+
+
+def test_test_split_is_shuffled_not_the_tail_of_the_file(tmp_path: Path) -> None:
+    # the test split is shuffled: it is not simply the last 15% of the file
+    split = split_dataset(_indexed_dataset(tmp_path), seed=0)
+    assert sorted(_ids(split.x_test)) != list(range(170, 200))
+
+
+def test_scaling_fit_uses_what_it_is_given() -> None:
+    x = np.array([[1.0, 5.0], [3.0, 5.0], [5.0, 5.0]], dtype=np.float32)
+    scaling = Scaling.fit(x)
+    np.testing.assert_allclose(scaling.mean, [3.0, 5.0])
+    np.testing.assert_allclose(scaling.std, [np.std([1, 3, 5]), 1.0])  # constant: std 1
+    assert scaling.mean.dtype == np.float32
+
+
+def test_training_scales_with_train_split_statistics_only(tmp_path: Path) -> None:
+    # Column 0 is the record index, column 1 is 1000 for a handful of records that the split
+    # puts outside the training split; a leak would show up in both means.
+    dataset = _indexed_dataset(tmp_path)
+    split = split_dataset(dataset, seed=0)
+    held_out = set(_ids(split.x_val)) | set(_ids(split.x_test))
+    outliers = sorted(held_out)[:5]
+    records = make_records(200, value=lambda i, c: float(i) if c == 0 else (i * c % 13) / 13)
+    for i in outliers:
+        records[i]["user_vibe_dimensions"]["community_orientation"] = 1000.0
+    crafted = load_dataset(write_json(tmp_path / "crafted.json", records))
+    crafted_split = split_dataset(crafted, seed=0)
+    assert _ids(crafted_split.x_train) == _ids(split.x_train)
+
+    result = train_model(crafted_split, TrainConfig(epochs=1, seed=0))
+    mean = result.model.feature_mean.numpy()
+    train_mean = crafted_split.x_train.mean(axis=0)
+    overall_mean = crafted.features.mean(axis=0)
+    np.testing.assert_allclose(mean, train_mean, rtol=1e-5, atol=1e-5)
+    assert abs(mean[0] - overall_mean[0]) > 0.1
+    assert mean[1] < 1.0  # the held-out outliers did not move it
+    assert overall_mean[1] > 20.0
+    train_std = crafted_split.x_train.std(axis=0)
+    train_std[train_std < 1e-6] = 1.0  # constant columns pass through unscaled
+    np.testing.assert_allclose(result.model.feature_std.numpy(), train_std, rtol=1e-5)

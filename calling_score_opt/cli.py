@@ -270,7 +270,7 @@ def train(
     Example: cso train --learning-rate 0.0005 --batch-size 64 --hidden-sizes "256,128,64"
     """
     from calling_score_opt.data import load_dataset, require_trainable, split_dataset
-    from calling_score_opt.export import export_onnx
+    from calling_score_opt.export import export_onnx, model_metadata
     from calling_score_opt.space import parse_hidden_sizes
     from calling_score_opt.train import TrainConfig, train_model
 
@@ -299,23 +299,8 @@ def train(
         "epochs_run": result.epochs_run,
         "parameters": result.parameters,
     }
-    from calling_score_opt import __version__
-
-    report = export_onnx(
-        result.model,
-        output_path,
-        split.x_test,
-        {
-            "producer": f"cso {__version__}",
-            "model_type": "calling_score",
-            "variant": "custom",
-            "hyperparameters": {**config.hyperparameters(), "epochs": epochs, "seed": seed},
-            "feature_names": list(dataset.feature_names),
-            "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
-            "metrics": metrics,
-            "data_fingerprint": dataset.fingerprint,
-        },
-    )
+    metadata = model_metadata("custom", config, dataset.feature_names, metrics, dataset.fingerprint)
+    report = export_onnx(result.model, output_path, split.x_test, metadata)
     console.print(
         f"Test Loss: {result.test_loss:.5f}\nVal Loss: {result.val_loss:.5f}\n"
         f"Train Loss: {result.train_loss:.5f}\n"
@@ -326,6 +311,215 @@ def train(
         f"{report.parity_max_abs_diff:.1e} on {report.parity_samples} test records)",
         highlight=False,
     )
+
+
+SEARCH_STUDY = "calling-score-search"
+Study = Annotated[str, typer.Option(help="Optuna study name.")]
+Storage = Annotated[
+    str | None, typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]")
+]
+Artifacts = Annotated[
+    Path | None, typer.Option(help="Folder of stored weights. [default: beside the SQLite file]")
+]
+
+
+@app.command()
+@_fails_cleanly
+def search(
+    trials: Annotated[
+        int, typer.Option(min=1, help="Run until the study holds N finished trials.")
+    ] = 30,
+    space: Annotated[
+        str, typer.Option(help="continuous (wide ranges) or grid (the documented values).")
+    ] = "continuous",
+    sampler: Annotated[str, typer.Option(help="tpe, gp, cmaes or random.")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none.")] = "median",
+    objectives: Annotated[
+        str, typer.Option(help="val_loss, val_loss,params or val_loss,latency (Pareto front).")
+    ] = "val_loss",
+    pair_features: Annotated[
+        str,
+        typer.Option(help="|user - spot| vibe inputs: search (let the sampler decide), on, off."),
+    ] = "search",
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop starting trials after this many seconds.")
+    ] = None,
+    data_path: DataPath = None,
+    target: Target = None,
+    epochs: Epochs = 100,
+    device: Device = "cpu",
+    seed: Seed = 0,
+    jobs: Annotated[
+        int, typer.Option(min=1, help="Worker processes sharing the study's storage.")
+    ] = 1,
+    study: Study = SEARCH_STUDY,
+    storage: Storage = None,
+    artifacts: Artifacts = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Search for a better model with Optuna (TPE by default), pruning on validation loss.
+
+    The baseline is the first trial; every complete trial's weights are stored, so any of them
+    can be exported later. Rerunning the same command resumes the study.
+
+    Example: cso search --trials 40 --space continuous --jobs 2
+    """
+    from calling_score_opt.progress import SearchProgress
+    from calling_score_opt.search import SearchSettings, run_search
+    from calling_score_opt.trials import load_study
+
+    settings = SearchSettings(
+        data_path=_data_path(data_path),
+        trials=trials,
+        target=target,
+        space=space,
+        sampler=sampler,
+        pruner=pruner,
+        objectives=objectives,
+        pair_features=pair_features,
+        timeout=timeout,
+        seed=seed,
+        epochs=epochs,
+        device=device,
+        jobs=jobs,
+        study_name=study,
+        storage_url=storage,
+        artifact_dir=artifacts,
+    )
+    with SearchProgress(console, quiet) as progress:
+        outcome = run_search(settings, progress)
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in outcome.counts.items())
+    console.print(f"Study '{study}' in {escape(outcome.storage)}: {counts}.", highlight=False)
+    _print_best(load_study(outcome.storage, study))
+
+
+def _trials_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "state", "parameters", "val loss", "test loss", "epochs", "time"):
+        table.add_column(column, justify="left" if column in ("state", "parameters") else "right")
+    for row in rows:
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
+        )
+        state = row["state"].lower()
+        if row["error"]:
+            state += f": {row['error'][:60]}"
+        table.add_row(
+            str(row["number"]),
+            escape(state),
+            escape(params),
+            "" if row["val_loss"] is None else f"{row['val_loss']:.5f}",
+            "" if row["test_loss"] is None else f"{row['test_loss']:.5f}",
+            "" if row["epochs"] is None else str(row["epochs"]),
+            "" if row["time_s"] is None else f"{row['time_s']:.1f}s",
+        )
+    return table
+
+
+def _print_best(study_obj: Any) -> None:
+    from calling_score_opt.errors import StudyError
+    from calling_score_opt.trials import best_trials, trial_row
+
+    try:
+        best = best_trials(study_obj)
+    except StudyError as exc:
+        console.print(escape(str(exc)))
+        return
+    title = (
+        "Pareto front (validation loss vs "
+        + ("parameters)" if "params" in str(study_obj.user_attrs.get("objectives")) else "latency)")
+        if len(best) > 1 or len(study_obj.directions) > 1
+        else "Best trial (lowest validation loss)"
+    )
+    console.print(_trials_table([trial_row(t) for t in best], title))
+    baseline = next((t for t in study_obj.get_trials(deepcopy=False) if t.number == 0), None)
+    top = best[0]
+    if baseline is not None and baseline.values and top.number != 0 and len(best) == 1:
+        base, new = baseline.user_attrs.get("test_loss"), top.user_attrs.get("test_loss")
+        if base and new is not None:
+            console.print(
+                f"Baseline (trial 0): val {baseline.values[0]:.5f}, test {base:.5f}; best trial "
+                f"{top.number} improves test loss by {(base - new) / base * 100:+.2f}%",
+                highlight=False,
+            )
+
+
+@app.command()
+@_fails_cleanly
+def trials(
+    study: Study = SEARCH_STUDY,
+    storage: Storage = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Show only the last N trials.")] = None,
+) -> None:
+    """List a study's trials: number, state, parameters, losses, epochs and time.
+
+    Example: cso trials --study calling-score-grid
+    """
+    from calling_score_opt.study import default_storage_url
+    from calling_score_opt.trials import load_study, trial_row
+
+    loaded = load_study(storage or default_storage_url(study), study)
+    rows = [trial_row(t) for t in loaded.get_trials(deepcopy=False)]
+    if limit is not None:
+        rows = rows[-limit:]
+    console.print(_trials_table(rows, f"Study '{study}': {len(rows)} trials"))
+
+
+@app.command()
+@_fails_cleanly
+def best(study: Study = SEARCH_STUDY, storage: Storage = None) -> None:
+    """Show the best trial (or the Pareto front of a multi-objective study).
+
+    Example: cso best --study calling-score-search
+    """
+    from calling_score_opt.study import default_storage_url
+    from calling_score_opt.trials import load_study
+
+    _print_best(load_study(storage or default_storage_url(study), study))
+
+
+@app.command()
+@_fails_cleanly
+def export(
+    trial: Annotated[int | None, typer.Option(help="Export trial number N.")] = None,
+    best_: Annotated[bool, typer.Option("--best", help="Export the best trial(s).")] = False,
+    top: Annotated[
+        int | None, typer.Option(min=1, help="Export the K trials with the lowest val loss.")
+    ] = None,
+    output_dir: Annotated[
+        Path, typer.Option(help="Where the ONNX files and optimization_results.json go.")
+    ] = Path("assets/models/exported"),
+    study: Study = SEARCH_STUDY,
+    storage: Storage = None,
+    artifacts: Artifacts = None,
+    data_path: Annotated[
+        Path | None,
+        typer.Option(help="The study's data, for the parity check. [default: the recorded file]"),
+    ] = None,
+    target: Target = None,
+) -> None:
+    """Export stored trials to ONNX (no retraining), verified against onnxruntime.
+
+    Example: cso export --best   |   cso export --trial 12 --output-dir assets/models
+    """
+    from calling_score_opt.errors import ConfigError
+    from calling_score_opt.study import default_storage_url
+    from calling_score_opt.trials import export_trials, load_study, select_trials
+
+    if sum((trial is not None, best_, top is not None)) != 1:
+        raise ConfigError("say which trials to export: exactly one of --trial N, --best, --top K")
+    url = storage or default_storage_url(study)
+    loaded = load_study(url, study)
+    chosen = select_trials(loaded, number=trial, best=best_, top=top)
+    exported = export_trials(loaded, chosen, output_dir, url, artifacts, data_path, target)
+    for entry in exported.results["variants"]:
+        console.print(
+            f"trial {entry['trial_number']}: {escape(entry['onnx_path'])} "
+            f"(val {entry['val_loss']:.5f}, test {entry['test_loss']:.5f}, "
+            f"parity {entry['parity_max_abs_diff']:.1e})",
+            highlight=False,
+        )
+    console.print(f"Results: {escape(str(exported.results_path))}", highlight=False)
 
 
 @data_app.command("check")

@@ -8,17 +8,20 @@ never sees a model that has not passed.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calling_score_opt.atomic import atomic_path
 from calling_score_opt.data import Array
 from calling_score_opt.errors import ExportError
-from calling_score_opt.model import CallingScoreModel
+from calling_score_opt.model import N_VIBE_DIMENSIONS, CallingScoreModel
+
+if TYPE_CHECKING:
+    from calling_score_opt.train import TrainConfig
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -34,6 +37,37 @@ class ExportReport:
     size_bytes: int
     parity_max_abs_diff: float
     parity_samples: int
+
+
+METRIC_KEYS = ("val_loss", "test_loss", "train_loss", "best_epoch", "epochs_run", "parameters")
+
+
+def model_metadata(
+    name: str,
+    config: TrainConfig,
+    feature_names: Sequence[str],
+    metrics: Mapping[str, Any],
+    data_fingerprint: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What every exported model says about itself (stored as ONNX metadata_props)."""
+    from calling_score_opt import __version__
+
+    return {
+        "producer": f"cso {__version__}",
+        "model_type": "calling_score",
+        "variant": name,
+        "hyperparameters": {
+            **config.hyperparameters(),
+            "epochs": config.epochs,
+            "seed": config.seed,
+        },
+        "feature_names": list(feature_names),
+        "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
+        "metrics": {key: metrics.get(key) for key in METRIC_KEYS},
+        "data_fingerprint": data_fingerprint,
+        **extra,
+    }
 
 
 def contract_problems(model_path: Path, n_features: int | None = None) -> list[str]:
@@ -113,14 +147,47 @@ def build_onnx(model: CallingScoreModel, metadata: Mapping[str, Any]) -> Any:
     def tensor(name: str, value: Any) -> Any:
         return numpy_helper.from_array(np.ascontiguousarray(value), name)
 
-    n_features = int(model.feature_mean.shape[0])
+    n_features = model.n_inputs
     initializers = [
         tensor("feature_mean", model.feature_mean.detach().cpu().numpy()),
         tensor("feature_std", model.feature_std.detach().cpu().numpy()),
         tensor("squeeze_axes", np.array([1], dtype=np.int64)),
     ]
-    nodes = [
-        helper.make_node("Sub", [INPUT_NAME, "feature_mean"], ["centred"], name="scale_sub"),
+    nodes = []
+    features = INPUT_NAME
+    if model.pair_features:  # |user - spot| per vibe dimension, appended to the raw input
+        n = N_VIBE_DIMENSIONS
+        initializers += [
+            tensor(name, np.array([value], dtype=np.int64))
+            for name, value in (
+                ("user_start", 0),
+                ("spot_start", n),
+                ("spot_end", 2 * n),
+                ("feature_axis", 1),
+            )
+        ]
+        nodes += [
+            helper.make_node(
+                "Slice",
+                [INPUT_NAME, "user_start", "spot_start", "feature_axis"],
+                ["user_vibes"],
+                name="user_vibes",
+            ),
+            helper.make_node(
+                "Slice",
+                [INPUT_NAME, "spot_start", "spot_end", "feature_axis"],
+                ["spot_vibes"],
+                name="spot_vibes",
+            ),
+            helper.make_node("Sub", ["user_vibes", "spot_vibes"], ["vibe_diff"], name="vibe_diff"),
+            helper.make_node("Abs", ["vibe_diff"], ["vibe_pairs"], name="vibe_pairs"),
+            helper.make_node(
+                "Concat", [INPUT_NAME, "vibe_pairs"], ["features"], name="features", axis=1
+            ),
+        ]
+        features = "features"
+    nodes += [
+        helper.make_node("Sub", [features, "feature_mean"], ["centred"], name="scale_sub"),
         helper.make_node("Div", ["centred", "feature_std"], ["scaled"], name="scale_div"),
     ]
     current, layer = "scaled", 0
@@ -186,7 +253,7 @@ def export_onnx(
     import torch
 
     model = model.cpu().eval()
-    n_features = int(model.feature_mean.shape[0])
+    n_features = model.n_inputs
     with atomic_path(path) as tmp:
         try:
             proto = build_onnx(model, metadata)

@@ -319,34 +319,18 @@ def _onnx_metadata(
     dataset: Dataset,
     settings: GridSettings,
 ) -> dict[str, Any]:
-    attrs = chosen.user_attrs
-    return {
-        "producer": f"cso {__version__}",
-        "model_type": "calling_score",
-        "variant": variant.name,
-        "hyperparameters": {
-            **variant.train_config(settings.epochs, attrs["seed"]).hyperparameters(),
-            "epochs": settings.epochs,
-            "seed": attrs["seed"],
-        },
-        "feature_names": list(dataset.feature_names),
-        "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
-        "metrics": {
-            key: attrs[key]
-            for key in (
-                "val_loss",
-                "test_loss",
-                "train_loss",
-                "best_epoch",
-                "epochs_run",
-                "parameters",
-            )
-        },
-        "data_fingerprint": dataset.fingerprint,
-        "study": settings.study_name,
-        "trial_number": chosen.number,
-        "repeats": len(trials),
-    }
+    from calling_score_opt.export import model_metadata
+
+    return model_metadata(
+        variant.name,
+        variant.train_config(settings.epochs, chosen.user_attrs["seed"]),
+        dataset.feature_names,
+        chosen.user_attrs,
+        dataset.fingerprint,
+        study=settings.study_name,
+        trial_number=chosen.number,
+        repeats=len(trials),
+    )
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -498,6 +482,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     storage_s = 0.0
     t0 = time.perf_counter()
     study = open_study(storage, settings.study_name, _identity(settings, dataset))
+    study.set_user_attr("data_path", str(settings.data_path))  # for cso export's parity check
     store = artifact_store(settings.artifacts)
     storage_s += time.perf_counter() - t0
 

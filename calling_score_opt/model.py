@@ -8,7 +8,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from calling_score_opt.data import Scaling
+from calling_score_opt.data import FEATURE_NAMES, Array, Scaling
+
+#: pair_features: |user - spot| for each of the 12 vibe dimensions (columns 0-11 vs 12-23), the
+#: differences the app's own formula scores compatibility from.
+N_VIBE_DIMENSIONS = 12
+
+
+def check_pair_features(feature_names: Sequence[str]) -> None:
+    """Raise ConfigError unless the data has the app's 39 inputs (pair features need them)."""
+    from calling_score_opt.errors import ConfigError
+
+    if tuple(feature_names) != FEATURE_NAMES:
+        raise ConfigError(
+            "pair_features needs the app's 39 features (user and spot vibe dimensions); "
+            "this data has other columns"
+        )
+
+
+def add_pair_features(x: Array) -> Array:
+    """Raw features with |user - spot| per vibe dimension appended (what the model computes)."""
+    n = N_VIBE_DIMENSIONS
+    pairs = np.abs(x[:, :n] - x[:, n : 2 * n])
+    return np.concatenate([x, pairs], axis=1).astype(np.float32)
 
 
 def build_network(n_features: int, hidden_sizes: Sequence[int], dropout: float) -> nn.Sequential:
@@ -32,13 +54,26 @@ class CallingScoreModel(nn.Module):
     feature_mean: torch.Tensor
     feature_std: torch.Tensor
 
-    def __init__(self, network: nn.Sequential, scaling: Scaling) -> None:
+    def __init__(
+        self, network: nn.Sequential, scaling: Scaling, pair_features: bool = False
+    ) -> None:
         super().__init__()
         self.network = network
+        self.pair_features = pair_features
+        # With pair features the scaling covers the 12 appended differences too.
         self.register_buffer("feature_mean", torch.from_numpy(np.array(scaling.mean)))
         self.register_buffer("feature_std", torch.from_numpy(np.array(scaling.std)))
 
+    @property
+    def n_inputs(self) -> int:
+        """Raw features the model takes (39 for the app's model)."""
+        extra = N_VIBE_DIMENSIONS if self.pair_features else 0
+        return int(self.feature_mean.shape[0]) - extra
+
     def scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pair_features:
+            n = N_VIBE_DIMENSIONS
+            x = torch.cat([x, (x[:, :n] - x[:, n : 2 * n]).abs()], dim=1)
         return (x - self.feature_mean) / self.feature_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from rich.progress import (
 )
 
 from calling_score_opt.grid import ExportOutcome, GridObserver, RunOutcome
+from calling_score_opt.search import SearchObserver
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -117,4 +118,72 @@ class GridProgress(GridObserver):
         if outcome.error is not None and not self._quiet:
             self._console.print(
                 f"{outcome.variant}: export FAILED: {escape(outcome.error)}", highlight=False
+            )
+
+
+class SearchProgress(SearchObserver):
+    """Finished trials against the target, the best validation loss and the running trial."""
+
+    def __init__(self, console: Console, quiet: bool = False) -> None:
+        self._console = console
+        self._quiet = quiet
+        self._live = console.is_terminal and not quiet
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._trials: TaskID | None = None
+        self._epochs: TaskID | None = None
+        self._finished = 0
+        self._target = 0
+
+    def __enter__(self) -> SearchProgress:
+        if self._live:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def started(self, target: int, finished: int, jobs: int) -> None:
+        self._finished, self._target = finished, target
+        if finished and not self._quiet:
+            self._console.print(
+                f"Resuming: the study holds {finished} finished trials; running until {target} "
+                f"with {jobs} worker(s)."
+            )
+        if self._live:
+            self._trials = self._progress.add_task(
+                "trials", total=target, completed=min(finished, target), note=""
+            )
+            self._epochs = self._progress.add_task("  epochs", total=1, note="")
+
+    def epoch(self, trial: int, epoch: int, max_epochs: int, val: float) -> None:
+        if self._epochs is not None:
+            self._progress.update(
+                self._epochs,
+                description=f"  trial {trial}",
+                total=max_epochs,
+                completed=epoch,
+                note=f"val {val:.5f}",
+            )
+
+    def progressed(self, finished: int, best: float | None, last: str) -> None:
+        if finished == self._finished:
+            return
+        self._finished = finished
+        note = f"best val {best:.5f}" if best is not None else ""
+        if self._trials is not None:
+            self._progress.update(self._trials, completed=min(finished, self._target), note=note)
+        elif not self._quiet and last:
+            self._console.print(
+                f"\\[{min(finished, self._target)}/{self._target}] {escape(last)}; {note}",
+                highlight=False,
             )

@@ -9,6 +9,7 @@ from calling_score_opt.errors import ConfigError
 from calling_score_opt.train import TrainConfig
 
 if TYPE_CHECKING:
+    import optuna
     from optuna.distributions import BaseDistribution
 
 BASELINE_NAME = "v1_0_baseline"
@@ -89,3 +90,64 @@ def grid_distributions() -> dict[str, BaseDistribution]:
     from optuna.distributions import CategoricalDistribution
 
     return {name: CategoricalDistribution(choices) for name, choices in GRID_CHOICES.items()}
+
+
+SPACES = ("continuous", "grid")
+PAIR_FEATURES_MODES = ("search", "on", "off")
+
+
+def suggest_config(
+    trial: optuna.Trial, space: str, epochs: int, seed: int, pair_features: str = "search"
+) -> TrainConfig:
+    """Ask ``trial`` for a configuration from ``space``; the only place that calls suggest_*.
+
+    ``grid``: the documented values as choices. ``continuous``: learning rate log-uniform in
+    [1e-4, 1e-2], batch 16-128, 1-3 hidden layers of 16-512 units (log scale), dropout 0-0.5.
+    ``pair_features`` is searched (``search``), forced on (``on``) or left out (``off``).
+    """
+    if space == "grid":
+        lr = trial.suggest_categorical("learning_rate", GRID_CHOICES["learning_rate"])
+        batch = trial.suggest_categorical("batch_size", GRID_CHOICES["batch_size"])
+        hidden = parse_hidden_sizes(
+            trial.suggest_categorical("hidden_sizes", GRID_CHOICES["hidden_sizes"])
+        )
+        dropout = trial.suggest_categorical("dropout", GRID_CHOICES["dropout"])
+    elif space == "continuous":
+        lr = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        batch = trial.suggest_categorical("batch_size", GRID_CHOICES["batch_size"])
+        layers = trial.suggest_int("n_layers", 1, 3)
+        hidden = tuple(trial.suggest_int(f"units_l{i}", 16, 512, log=True) for i in range(layers))
+        dropout = trial.suggest_float("dropout", 0.0, 0.5)
+    else:
+        raise ConfigError(f"--space must be one of {', '.join(SPACES)}, got {space!r}")
+    pairs = pair_features == "on"
+    if pair_features == "search":
+        pairs = trial.suggest_categorical("pair_features", (False, True))
+    return TrainConfig(
+        learning_rate=lr,
+        batch_size=batch,
+        hidden_sizes=hidden,
+        dropout=dropout,
+        epochs=epochs,
+        seed=seed,
+        pair_features=pairs,
+    )
+
+
+def baseline_params(space: str, pair_features: str = "search") -> dict[str, Any]:
+    """The v1.0 baseline as parameters of ``space``: every search starts from it."""
+    base = VARIANTS[0]
+    params: dict[str, Any]
+    if space == "grid":
+        params = base.params()
+    else:
+        params = {
+            "learning_rate": base.learning_rate,
+            "batch_size": base.batch_size,
+            "n_layers": len(base.hidden_sizes),
+            **{f"units_l{i}": size for i, size in enumerate(base.hidden_sizes)},
+            "dropout": base.dropout,
+        }
+    if pair_features == "search":
+        params["pair_features"] = False
+    return params

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 
 from calling_score_opt.data import Array, Scaling, Split
 from calling_score_opt.errors import ConfigError, TrainingError
-from calling_score_opt.model import CallingScoreModel, build_network, count_parameters
+from calling_score_opt.model import (
+    CallingScoreModel,
+    add_pair_features,
+    build_network,
+    count_parameters,
+)
 
 PATIENCE = 10
 
@@ -36,6 +41,7 @@ class TrainConfig:
     epochs: int = 100
     patience: int = PATIENCE
     seed: int = 0
+    pair_features: bool = False  # append |user - spot| per vibe dimension inside the model
 
     def __post_init__(self) -> None:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -52,13 +58,16 @@ class TrainConfig:
             )
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The four searchable settings, as JSON-friendly values."""
-        return {
+        """The searchable settings, as JSON-friendly values."""
+        values: dict[str, Any] = {
             "learning_rate": self.learning_rate,
             "batch_size": self.batch_size,
             "hidden_sizes": list(self.hidden_sizes),
             "dropout": self.dropout,
         }
+        if self.pair_features:
+            values["pair_features"] = True
+        return values
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -150,10 +159,10 @@ def train_model(
         torch.manual_seed(config.seed)  # weights and dropout masks
         shuffle = torch.Generator().manual_seed(config.seed)  # batch order, apart from dropout
 
-        scaling = Scaling.fit(split.x_train)
-        n_features = split.x_train.shape[1]
-        network = build_network(n_features, config.hidden_sizes, config.dropout)
-        model = CallingScoreModel(network, scaling).to(dev)
+        x_fit = add_pair_features(split.x_train) if config.pair_features else split.x_train
+        scaling = Scaling.fit(x_fit)  # training split only
+        network = build_network(x_fit.shape[1], config.hidden_sizes, config.dropout)
+        model = CallingScoreModel(network, scaling, config.pair_features).to(dev)
 
         def tensors(x: Array, y: Array) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
@@ -264,4 +273,5 @@ def load_checkpoint(data: bytes) -> tuple[CallingScoreModel, TrainConfig, tuple[
     except Exception as exc:  # a damaged or foreign file can fail in many ways
         raise TrainingError(f"stored weights cannot be read ({exc}); retrain the trial") from exc
     scaling = Scaling(mean=mean.numpy(), std=std.numpy())
-    return CallingScoreModel(network, scaling).eval(), config, tuple(payload["feature_names"])
+    model = CallingScoreModel(network, scaling, config.pair_features).eval()
+    return model, config, tuple(payload["feature_names"])

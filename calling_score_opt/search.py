@@ -1,0 +1,473 @@
+"""``cso search``: an Optuna study that looks for better models than the grid's 15 points.
+
+The canonical objective shape: suggest (space.py) -> train -> report validation loss every epoch
+-> prune -> store the weights as an artifact -> return. The baseline is always the first trial,
+the sampler never sees test loss, and the study runs until it holds N finished (complete or
+pruned) trials, however often it is interrupted and by how many worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from calling_score_opt.data import Dataset, Split, load_dataset, require_trainable, split_dataset
+from calling_score_opt.errors import ConfigError, CsoError, StudyError, TrainingError
+from calling_score_opt.model import check_pair_features
+from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
+from calling_score_opt.study import (
+    CHECKPOINT_FILENAME,
+    HEARTBEAT_INTERVAL_S,
+    artifact_store,
+    default_artifact_dir,
+    default_storage_url,
+    open_storage,
+    open_study,
+)
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.trial import TrialState
+
+SAMPLERS = ("tpe", "gp", "cmaes", "random")
+PRUNERS = ("median", "hyperband", "none")
+OBJECTIVES = ("val_loss", "val_loss,params", "val_loss,latency")
+_FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything ``cso search`` was asked to do."""
+
+    data_path: Path
+    trials: int = 30
+    target: str | None = None
+    space: str = "continuous"
+    sampler: str = "tpe"
+    pruner: str = "median"
+    objectives: str = "val_loss"
+    pair_features: str = "search"
+    timeout: float | None = None
+    seed: int = 0
+    epochs: int = 100
+    device: str = "cpu"
+    jobs: int = 1
+    study_name: str = "calling-score-search"
+    storage_url: str | None = None
+    artifact_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for flag, value, allowed in (
+            ("--space", self.space, SPACES),
+            ("--sampler", self.sampler, SAMPLERS),
+            ("--pruner", self.pruner, PRUNERS),
+            ("--objectives", self.objectives, OBJECTIVES),
+            ("--pair-features", self.pair_features, PAIR_FEATURES_MODES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        for flag, number in (
+            ("--trials", self.trials),
+            ("--epochs", self.epochs),
+            ("--jobs", self.jobs),
+        ):
+            if number < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {number}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or default_storage_url(self.study_name)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.artifact_dir or default_artifact_dir(self.storage, self.study_name)
+
+    @property
+    def objective_names(self) -> tuple[str, ...]:
+        return tuple(self.objectives.split(","))
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective_names) > 1
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """A seeded Optuna sampler by its CLI name."""
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.simplefilter("ignore", UserWarning)  # CMA-ES: categorical params fall back
+        if name == "tpe":
+            return optuna.samplers.TPESampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(
+                seed=seed, independent_sampler=optuna.samplers.TPESampler(seed=seed)
+            )
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    """Median (after 5 trials and 5 epochs), Hyperband over epochs, or none."""
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=3, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def _identity(settings: SearchSettings, dataset: Dataset) -> dict[str, Any]:
+    return {
+        "kind": "search",
+        "data_fingerprint": dataset.fingerprint,
+        "feature_names": list(dataset.feature_names),
+        "split_seed": settings.seed,
+        "epochs": settings.epochs,
+        "space": settings.space,
+        "objectives": settings.objectives,
+        "pair_features": settings.pair_features,
+    }
+
+
+def _open_search_study(
+    settings: SearchSettings, dataset: Dataset, sampler_seed: int
+) -> tuple[optuna.Study, FileSystemArtifactStore]:
+    import optuna
+
+    storage = open_storage(settings.storage, heartbeat=True)
+    directions = [optuna.study.StudyDirection.MINIMIZE] * len(settings.objective_names)
+    study = optuna.create_study(
+        study_name=settings.study_name,
+        storage=storage,
+        directions=directions,
+        sampler=make_sampler(settings.sampler, sampler_seed),
+        pruner=make_pruner(settings.pruner, settings.epochs),
+        load_if_exists=True,
+    )
+    if list(study.directions) != directions:
+        raise StudyError(
+            f"study '{settings.study_name}' has {len(study.directions)} objective(s), this run "
+            f"asks for {settings.objectives}; pass --study NEW_NAME"
+        )
+    open_study(storage, settings.study_name, _identity(settings, dataset))
+    study.set_user_attr("data_path", str(settings.data_path))
+    return study, artifact_store(settings.artifacts)
+
+
+def _finished(study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+@contextlib.contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat while it runs, so a killed worker's trial is noticed."""
+    storage = study._storage
+    stop = threading.Event()
+    trial_id = trial._trial_id  # Optuna's own optimize() does exactly this
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL_S):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
+    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _measure_latency_ms(model: Any, runs: int = 200) -> float:
+    """Median onnxruntime time to score one record with this model's ONNX graph."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from calling_score_opt.export import INPUT_NAME, OUTPUT_NAME, build_onnx
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        build_onnx(model, {}).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    x = np.full((1, model.n_inputs), 0.5, dtype=np.float32)
+    for _ in range(20):
+        session.run([OUTPUT_NAME], {INPUT_NAME: x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+EpochEvent = Callable[[int, int, int, float], None]  # trial, epoch, max_epochs, val_loss
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    settings: SearchSettings,
+    split: Split,
+    feature_names: tuple[str, ...],
+    store: FileSystemArtifactStore,
+    on_epoch: EpochEvent | None,
+) -> TrialState:
+    """Train one suggested configuration, tell the study how it ended, and return that."""
+    import optuna
+    from optuna.artifacts import upload_artifact
+    from optuna.trial import TrialState
+
+    from calling_score_opt.train import EpochStats, checkpoint_bytes, train_model
+
+    config = suggest_config(
+        trial, settings.space, settings.epochs, settings.seed, settings.pair_features
+    )
+    trial.set_user_attr("hidden_sizes", list(config.hidden_sizes))
+    trial.set_user_attr("seed", config.seed)
+
+    def report(stats: EpochStats) -> None:
+        if on_epoch is not None:
+            on_epoch(trial.number, stats.epoch, settings.epochs, stats.val_loss)
+        if settings.multi_objective:
+            return  # Optuna cannot prune on one of several objectives
+        trial.report(stats.val_loss, stats.epoch)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at_epoch", stats.epoch)
+            raise optuna.TrialPruned(f"pruned at epoch {stats.epoch}")
+
+    with _heartbeat(study, trial):
+        try:
+            result = train_model(split, config, settings.device, report)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return TrialState.PRUNED
+        except (TrainingError, RuntimeError, MemoryError) as exc:  # diverged, out of memory
+            reason = str(exc) if isinstance(exc, CsoError) else f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("error", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL
+        for key, value in {
+            "train_loss": result.train_loss,
+            "val_loss": result.val_loss,
+            "test_loss": result.test_loss,  # recorded for people; the sampler never sees it
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "training_time_s": result.training_time_s,
+            "parameters": result.parameters,
+            "train_losses": [round(s.train_loss, 8) for s in result.history],
+        }.items():
+            trial.set_user_attr(key, value)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CHECKPOINT_FILENAME
+            path.write_bytes(checkpoint_bytes(result, feature_names))
+            upload_artifact(
+                artifact_store=store,
+                file_path=str(path),
+                study_or_trial=trial,
+                mimetype="application/octet-stream",
+            )
+        values = [result.val_loss]
+        if "params" in settings.objective_names:
+            values.append(float(result.parameters))
+        if "latency" in settings.objective_names:
+            latency = _measure_latency_ms(result.model)
+            trial.set_user_attr("latency_ms", latency)
+            values.append(latency)
+        study.tell(trial, values)
+    return TrialState.COMPLETE
+
+
+def _claim_lock(settings: SearchSettings) -> contextlib.AbstractContextManager[Any]:
+    """Serialise "count, then start a trial" across workers sharing one SQLite file."""
+    from filelock import FileLock
+
+    url = settings.storage
+    if url.startswith("sqlite:///"):
+        return FileLock(url[len("sqlite:///") :] + ".lock")
+    return contextlib.nullcontext()
+
+
+def _search_loop(
+    settings: SearchSettings,
+    split: Split,
+    dataset: Dataset,
+    worker: int,
+    on_epoch: EpochEvent | None = None,
+    on_trial: Callable[[optuna.Study], None] | None = None,
+) -> None:
+    """Run trials until the study holds ``settings.trials`` finished ones (or time runs out)."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    study, store = _open_search_study(settings, dataset, settings.seed + worker)
+    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+    failures = 0
+    while deadline is None or time.monotonic() < deadline:
+        with _claim_lock(settings), warnings.catch_warnings():
+            # cso records heartbeats itself (see _heartbeat), so Optuna's notes that heartbeats
+            # are experimental and meant for optimize() do not apply.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            fail_stale_trials(study)  # a dead worker's trial: failed, and re-queued for retry
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state.name in _FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if finished >= settings.trials:
+                return
+            trial = study.ask() if finished + running < settings.trials else None
+        if trial is None:  # the last trials are running elsewhere; one may still fail
+            time.sleep(0.5)
+            continue
+        state = _run_trial(study, trial, settings, split, dataset.feature_names, store, on_epoch)
+        failures += state == TrialState.FAIL
+        if on_trial is not None:
+            on_trial(study)
+        if failures > max(3, settings.trials):
+            raise TrainingError(
+                f"{failures} trials failed in this run (see `cso trials`); stopping the search"
+            )
+
+
+def _worker_process(settings: SearchSettings, split: Split, dataset: Dataset, worker: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    _search_loop(settings, split, dataset, worker)
+
+
+class SearchObserver:
+    """Progress hooks of a search; no-ops here (the CLI shows a live bar)."""
+
+    def started(self, target: int, finished: int, jobs: int) -> None: ...
+
+    def epoch(self, trial: int, epoch: int, max_epochs: int, val: float) -> None: ...
+
+    def progressed(self, finished: int, best: float | None, last: str) -> None: ...
+
+
+@dataclass
+class SearchOutcome:
+    """How a search ended: the study and its counts."""
+
+    study_name: str
+    storage: str
+    finished: int
+    counts: dict[str, int] = field(default_factory=dict)
+    best: dict[str, Any] | None = None
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    from optuna.trial import TrialState
+
+    values = [t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return min(values) if values else None
+
+
+def _describe_last(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False)
+    done = [t for t in trials if t.state.is_finished()]
+    if not done:
+        return ""
+    last = max(done, key=lambda t: t.number)
+    state = last.state.name.lower()
+    if last.state.name == "PRUNED":
+        state += f" at epoch {last.user_attrs.get('pruned_at_epoch', '?')}"
+    elif last.values:
+        state += f", val {last.values[0]:.5f}"
+    return f"trial {last.number} {state}"
+
+
+def run_search(settings: SearchSettings, observer: SearchObserver | None = None) -> SearchOutcome:
+    """Run (or resume) the search until the study holds ``settings.trials`` finished trials.
+
+    Raises:
+        CsoError: bad data, options or storage (before any trial runs).
+    """
+    from optuna.trial import TrialState
+
+    from calling_score_opt.train import resolve_device
+
+    observer = observer or SearchObserver()
+    dataset = require_trainable(load_dataset(settings.data_path, settings.target))
+    if settings.pair_features != "off":
+        try:
+            check_pair_features(dataset.feature_names)
+        except ConfigError:
+            if settings.pair_features == "on":
+                raise
+            settings = _replace(settings, pair_features="off")  # nothing to pair in other data
+    split = split_dataset(dataset, settings.seed)
+    resolve_device(settings.device)
+    study, _ = _open_search_study(settings, dataset, settings.seed)
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial(baseline_params(settings.space, settings.pair_features))
+        study.set_user_attr("baseline_trial", 0)
+    observer.started(settings.trials, _finished(study), settings.jobs)
+
+    def progressed(current: optuna.Study) -> None:
+        observer.progressed(_finished(current), _best_value(current), _describe_last(current))
+
+    if settings.jobs == 1:
+        _search_loop(settings, split, dataset, 0, observer.epoch, progressed)
+    else:
+        context = multiprocessing.get_context("spawn")
+        workers = [
+            context.Process(target=_worker_process, args=(settings, split, dataset, k))
+            for k in range(settings.jobs)
+        ]
+        for process in workers:
+            process.start()
+        try:
+            while any(p.is_alive() for p in workers):
+                time.sleep(0.5)
+                progressed(study)
+        except BaseException:
+            for process in workers:
+                process.terminate()
+            raise
+        finally:
+            for process in workers:
+                process.join()
+        if any(p.exitcode != 0 for p in workers):
+            raise CsoError(
+                "a search worker stopped with an error (see above); finished trials are saved: "
+                "rerun the same command to resume"
+            )
+    progressed(study)
+    counts = {s.name: 0 for s in TrialState}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] += 1
+    return SearchOutcome(
+        study_name=settings.study_name,
+        storage=settings.storage,
+        finished=_finished(study),
+        counts={k: v for k, v in counts.items() if v},
+    )
+
+
+def _replace(settings: SearchSettings, **changes: Any) -> SearchSettings:
+    import dataclasses
+
+    return dataclasses.replace(settings, **changes)

@@ -5,17 +5,15 @@ Heavy libraries (torch, onnx, optuna) are imported inside the commands, so ``cso
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from calling_score_opt.console import console, fails_cleanly
 from calling_score_opt.errors import CsoError
 
 DEFAULT_DATA = Path("data/calling_score_training_data_v1_hybrid.json")
@@ -35,31 +33,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
-
-console = Console()
-err_console = Console(stderr=True)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fails_cleanly(command: F) -> F:
-    """Turn cso's own errors into one line on stderr and their exit code; never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except CsoError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted: finished work is kept; rerun the command to resume")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
 
 # Options shared by several commands.
 DataPath = Annotated[
@@ -105,7 +78,7 @@ def _default_jobs(device: str) -> int:
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def grid(
     data_path: DataPath = None,
     target: Target = None,
@@ -248,7 +221,7 @@ def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def train(
     data_path: DataPath = None,
     target: Target = None,
@@ -324,7 +297,7 @@ Artifacts = Annotated[
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def search(
     trials: Annotated[
         int, typer.Option(min=1, help="Run until the study holds N finished trials.")
@@ -445,7 +418,7 @@ def _print_best(study_obj: Any) -> None:
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def trials(
     study: Study = SEARCH_STUDY,
     storage: Storage = None,
@@ -466,7 +439,7 @@ def trials(
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def best(study: Study = SEARCH_STUDY, storage: Storage = None) -> None:
     """Show the best trial (or the Pareto front of a multi-objective study).
 
@@ -479,7 +452,7 @@ def best(study: Study = SEARCH_STUDY, storage: Storage = None) -> None:
 
 
 @app.command()
-@_fails_cleanly
+@fails_cleanly
 def export(
     trial: Annotated[int | None, typer.Option(help="Export trial number N.")] = None,
     best_: Annotated[bool, typer.Option("--best", help="Export the best trial(s).")] = False,
@@ -523,7 +496,7 @@ def export(
 
 
 @data_app.command("check")
-@_fails_cleanly
+@fails_cleanly
 def data_check(
     path: Annotated[Path, typer.Argument(help="The data file to check.")],
     target: Target = None,
@@ -581,7 +554,7 @@ def data_check(
 
 
 @data_app.command("synth")
-@_fails_cleanly
+@fails_cleanly
 def data_synth(
     output: Annotated[Path, typer.Option(help="Where to write the JSON file.")] = DEFAULT_DATA,
     records: Annotated[int, typer.Option(min=1, help="How many records.")] = DEFAULT_RECORDS,

@@ -37,15 +37,19 @@ from calling_score_opt.space import BASELINE_NAME, VARIANTS, Variant, grid_distr
 from calling_score_opt.stats import Improvement, paired_bootstrap_improvement
 from calling_score_opt.study import (
     artifact_store,
+    beating,
+    claim_lock,
     default_artifact_dir,
     default_storage_url,
+    finish_trial,
     open_storage,
     open_study,
     read_checkpoint,
-    record_trial,
+    start_trial,
 )
 
 if TYPE_CHECKING:
+    import optuna
     from optuna.trial import FrozenTrial
 
 RESULTS_FILENAME = "optimization_results.json"
@@ -147,22 +151,11 @@ def _init_worker(split: Split, device: str, events: Any) -> None:
     _worker.update(split=split, device=device, events=events)
 
 
-def _train_run(variant: Variant, repeat: int, seed: int, epochs: int) -> RunOutcome:
-    from calling_score_opt.train import checkpoint_bytes, train_model
+def _outcome(variant: Variant, repeat: int, seed: int, result: Any) -> RunOutcome:
+    from calling_score_opt.train import checkpoint_bytes
 
-    split: Split = _worker["split"]
-    events = _worker["events"]
-
-    def on_epoch(stats: Any) -> None:
-        if events is not None:
-            events.put((variant.name, repeat, stats.epoch, epochs, stats.val_loss))
-
-    try:
-        result = train_model(split, variant.train_config(epochs, seed), _worker["device"], on_epoch)
-    except CsoError as exc:
-        return RunOutcome(variant.name, repeat, seed, error=str(exc))
-    except Exception as exc:  # out of memory, a CUDA fault, ...: this variant fails, others go on
-        return RunOutcome(variant.name, repeat, seed, error=f"{type(exc).__name__}: {exc}")
+    if isinstance(result, CsoError):
+        return RunOutcome(variant.name, repeat, seed, error=str(result))
     metrics = {
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
@@ -173,15 +166,42 @@ def _train_run(variant: Variant, repeat: int, seed: int, epochs: int) -> RunOutc
         "parameters": result.parameters,
     }
     history = tuple((s.epoch, s.train_loss, s.val_loss) for s in result.history)
-    names = _worker["feature_names"]
+    checkpoint = checkpoint_bytes(result, _worker["feature_names"])
     return RunOutcome(
-        variant.name,
-        repeat,
-        seed,
-        metrics=metrics,
-        history=history,
-        checkpoint=checkpoint_bytes(result, names),
+        variant.name, repeat, seed, metrics=metrics, history=history, checkpoint=checkpoint
     )
+
+
+def _train_group(variants: list[Variant], repeat: int, seed: int, epochs: int) -> list[RunOutcome]:
+    """Train variants that share a network shape and batch size: stacked when there are several."""
+    from calling_score_opt.stacked import train_stacked
+    from calling_score_opt.train import train_model
+
+    split: Split = _worker["split"]
+    events = _worker["events"]
+    configs = [v.train_config(epochs, seed) for v in variants]
+
+    def on_epoch(index: int, stats: Any) -> None:
+        if events is not None:
+            events.put((variants[index].name, repeat, stats.epoch, epochs, stats.val_loss))
+
+    results: list[Any]
+    try:
+        if len(configs) == 1:
+            try:
+                results = [
+                    train_model(
+                        split, configs[0], _worker["device"], lambda stats: on_epoch(0, stats)
+                    )
+                ]
+            except CsoError as exc:
+                results = [exc]
+        else:
+            results = list(train_stacked(split, configs, _worker["device"], on_epoch))
+    except Exception as exc:  # out of memory, a CUDA fault, ...: these variants fail, others go on
+        error = CsoError(f"{type(exc).__name__}: {exc}")
+        results = [error] * len(configs)
+    return [_outcome(v, repeat, seed, r) for v, r in zip(variants, results, strict=True)]
 
 
 def _export_run(
@@ -277,6 +297,12 @@ class GridOutcome:
     results: dict[str, Any]
     results_path: Path
     dataset: Dataset
+
+
+def _stack_key(variants: Mapping[str, Variant], run: tuple[str, int]) -> tuple[Any, ...]:
+    # Runs that can train as one stacked model: same batch size, shapes and seed (repeat).
+    variant = variants[run[0]]
+    return (variant.batch_size, variant.hidden_sizes, run[1])
 
 
 def _run_cost(variant: Variant, n_train: int) -> float:
@@ -463,13 +489,82 @@ def _bootstrap_dict(improvement: Improvement, best_is_baseline: bool) -> dict[st
     }
 
 
+class _StudyView:
+    """What the study says about each (variant, repeat) run, shared by all its workers.
+
+    A run is settled when it has a complete trial, or failed with a reason in this round
+    (trial number >= ``first_new``: a failure from an earlier round is retried); it is taken
+    while a trial of it is RUNNING (a dead worker's trial turns FAIL, without a reason, once its
+    heartbeat is stale, so the run is free again).
+    """
+
+    def __init__(
+        self, study: optuna.Study, variants: Mapping[str, Variant], repeats: int, first_new: int
+    ) -> None:
+        self._study = study
+        self._repeats = repeats
+        self._first_new = first_new
+        self.completed: dict[str, dict[int, FrozenTrial]] = {name: {} for name in variants}
+        self.failures: dict[str, list[str]] = {name: [] for name in variants}
+        self._failed_now: set[tuple[str, int]] = set()
+        self._running: set[tuple[str, int]] = set()
+
+    def _run_of(self, trial: FrozenTrial) -> tuple[str, int] | None:
+        name, repeat = trial.user_attrs.get("variant"), trial.user_attrs.get("repeat")
+        if name in self.completed and isinstance(repeat, int) and repeat < self._repeats:
+            return name, repeat
+        return None
+
+    def record(self, trial: FrozenTrial) -> None:
+        run = self._run_of(trial)
+        if run is None:
+            return
+        name, repeat = run
+        state = trial.state.name
+        if state == "COMPLETE":
+            self.completed[name][repeat] = trial
+        elif state == "RUNNING":
+            self._running.add(run)
+        elif state == "FAIL" and trial.number >= self._first_new and "error" in trial.user_attrs:
+            self._failed_now.add(run)
+            if trial.user_attrs["error"] not in self.failures[name]:
+                self.failures[name].append(trial.user_attrs["error"])
+
+    def refresh(self) -> None:
+        import warnings
+
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages import fail_stale_trials
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fail_stale_trials(self._study)  # a dead worker's runs become free again
+        self._running.clear()
+        for trial in self._study.get_trials(deepcopy=False):
+            self.record(trial)
+
+    def complete_runs(self) -> list[tuple[str, int]]:
+        return [(name, r) for name, done in self.completed.items() for r in done]
+
+    def variant_complete(self, name: str) -> bool:
+        return len(self.completed[name]) == self._repeats
+
+    def _settled(self, name: str, repeat: int) -> bool:
+        return repeat in self.completed[name] or (name, repeat) in self._failed_now
+
+    def is_free(self, name: str, repeat: int) -> bool:
+        return not self._settled(name, repeat) and (name, repeat) not in self._running
+
+    def all_settled(self, runs: Sequence[tuple[str, int]]) -> bool:
+        return all(self._settled(name, repeat) for name, repeat in runs)
+
+
 def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> GridOutcome:
     """Train, store, export and compare the grid's variants; write the results JSON.
 
     Raises:
         CsoError: bad data, options or storage (before anything is written).
     """
-    from optuna.trial import TrialState
 
     from calling_score_opt.train import resolve_device
 
@@ -478,7 +573,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     dataset = require_trainable(load_dataset(settings.data_path, settings.target))
     split = split_dataset(dataset, settings.seed)
     resolve_device(settings.device)  # fail now, not in every worker
-    storage = open_storage(settings.storage)
+    storage = open_storage(settings.storage, heartbeat=True, retry_stale=False)
     storage_s = 0.0
     t0 = time.perf_counter()
     study = open_study(storage, settings.study_name, _identity(settings, dataset))
@@ -486,39 +581,59 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     store = artifact_store(settings.artifacts)
     storage_s += time.perf_counter() - t0
 
-    names = {v.name for v in settings.variants}
-    completed: dict[str, dict[int, FrozenTrial]] = {v.name: {} for v in settings.variants}
-    failures: dict[str, list[str]] = {v.name: [] for v in settings.variants}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        name, repeat = trial.user_attrs.get("variant"), trial.user_attrs.get("repeat")
-        if name in names and isinstance(repeat, int) and repeat < settings.repeats:
-            completed[name][repeat] = trial
-    pending = [
-        (v, r)
-        for v in settings.variants
-        for r in range(settings.repeats)
-        if r not in completed[v.name]
-    ]
-    pending.sort(key=lambda item: -_run_cost(item[0], len(split.y_train)))
-    observer.started(
-        len(settings.variants) * settings.repeats,
-        len(settings.variants) * settings.repeats - len(pending),
-        settings.jobs,
-    )
+    by_name = {v.name: v for v in settings.variants}
+    runs = [(v.name, r) for v in settings.variants for r in range(settings.repeats)]
+    runs.sort(key=lambda run: -_run_cost(by_name[run[0]], len(split.y_train)))  # longest first
+    existing = study.get_trials(deepcopy=False)
+    first_new = max((t.number for t in existing), default=-1) + 1
+    view = _StudyView(study, by_name, settings.repeats, first_new)
+    view.refresh()
+    resumed = len(view.complete_runs())
+    observer.started(len(runs), resumed, settings.jobs)
 
     distributions = grid_distributions()
-    by_name = {v.name: v for v in settings.variants}
     exports: dict[str, ExportOutcome] = {}
+    mine: set[int] = set()  # trial ids this process is training: it keeps their heartbeat
+    trained = 0
     settings.output_dir.mkdir(parents=True, exist_ok=True)
-    with _executor(settings.jobs, split, settings.device, dataset.feature_names, observer) as (
-        pool,
-        drain,
-    ):
-        running: dict[Future[Any], str] = {}
+    lock = claim_lock(settings.storage, settings.study_name, storage)
+    executor = _executor(settings.jobs, split, settings.device, dataset.feature_names, observer)
+    with executor as (pool, drain), beating(storage, mine):
+        inflight: dict[Future[Any], tuple[str, str, int, int]] = {}  # kind, variant, repeat, n
+        trial_ids: dict[tuple[str, int], int] = {}  # the RUNNING trial of each claimed run
+
+        def claim_next() -> list[tuple[str, int, int]]:
+            """Take the longest free run and the free runs that can train stacked with it."""
+            with lock:
+                view.refresh()
+                free = [run for run in runs if view.is_free(*run)]
+                if not free:
+                    return []
+                first = free[0]
+                group = [
+                    run for run in free if _stack_key(by_name, run) == _stack_key(by_name, first)
+                ]
+                return [
+                    (
+                        name,
+                        repeat,
+                        start_trial(
+                            study,
+                            params=by_name[name].params(),
+                            distributions=distributions,
+                            user_attrs={
+                                "variant": name,
+                                "repeat": repeat,
+                                "seed": settings.seed + repeat,
+                            },
+                        ),
+                    )
+                    for name, repeat in group
+                ]
 
         def submit_export(name: str) -> None:
             nonlocal storage_s
-            trials = list(completed[name].values())
+            trials = list(view.completed[name].values())
             chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
             t0 = time.perf_counter()
             try:
@@ -529,22 +644,45 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
             storage_s += time.perf_counter() - t0
             metadata = _onnx_metadata(by_name[name], trials, chosen, dataset, settings)
             path = settings.output_dir / onnx_filename(name)
-            running[pool.submit(_export_run, name, checkpoint, path, metadata)] = "export"
+            future = pool.submit(_export_run, name, checkpoint, path, metadata)
+            inflight[future] = ("export", name, 0, 0)
 
-        for variant in settings.variants:
-            if len(completed[variant.name]) == settings.repeats:
-                submit_export(variant.name)
-        for variant, repeat in pending:
-            observer.run_started(variant.name, repeat)
-            future = pool.submit(
-                _train_run, variant, repeat, settings.seed + repeat, settings.epochs
-            )
-            running[future] = "train"
-        while running:
-            done, _ = wait(list(running), timeout=0.2, return_when=FIRST_COMPLETED)
+        while True:
+            while sum(k[0] == "train" for k in inflight.values()) < settings.jobs:
+                t0 = time.perf_counter()
+                claimed = claim_next()
+                storage_s += time.perf_counter() - t0
+                if not claimed:
+                    break
+                repeat = claimed[0][1]
+                for name, _, trial_id in claimed:
+                    mine.add(trial_id)
+                    trial_ids[(name, repeat)] = trial_id
+                    observer.run_started(name, repeat)
+                future = pool.submit(
+                    _train_group,
+                    [by_name[name] for name, _, _ in claimed],
+                    repeat,
+                    settings.seed + repeat,
+                    settings.epochs,
+                )
+                inflight[future] = ("train", claimed[0][0], repeat, len(claimed))
+            exporting = {k[1] for k in inflight.values() if k[0] == "export"}
+            for name in by_name:
+                if name not in exports and name not in exporting and view.variant_complete(name):
+                    submit_export(name)
+            if not inflight:
+                if view.all_settled(runs):
+                    break
+                # Other workers hold the remaining runs: wait for them (or for their heartbeat
+                # to go stale, which frees the run for us).
+                time.sleep(1.0)
+                view.refresh()
+                continue
+            done, _ = wait(list(inflight), timeout=0.2, return_when=FIRST_COMPLETED)
             drain()
             for future in done:
-                kind = running.pop(future)
+                kind, name, repeat, _ = inflight.pop(future)
                 try:
                     outcome = future.result()
                 except BrokenProcessPool as exc:
@@ -553,32 +691,35 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                         "saved in the study: rerun the same command to resume, maybe with --jobs 1"
                     ) from exc
                 if kind == "export":
-                    exports[outcome.variant] = outcome
+                    exports[name] = outcome
                     observer.exported(outcome)
                     continue
-                t0 = time.perf_counter()
-                trial = record_trial(
-                    study,
-                    params=by_name[outcome.variant].params(),
-                    distributions=distributions,
-                    value=outcome.metrics.get("val_loss"),
-                    user_attrs=_trial_attrs(outcome),
-                    intermediate_values={h[0]: h[2] for h in outcome.history},
-                    artifact_store=store,
-                    checkpoint=outcome.checkpoint,
-                )
-                storage_s += time.perf_counter() - t0
-                observer.run_finished(outcome)
-                if outcome.error is not None:
-                    failures[outcome.variant].append(outcome.error)
-                    continue
-                completed[outcome.variant][outcome.repeat] = trial
-                if len(completed[outcome.variant]) == settings.repeats:
-                    submit_export(outcome.variant)
+                for run in outcome:
+                    trial_id = trial_ids.pop((run.variant, run.repeat))
+                    t0 = time.perf_counter()
+                    trial = finish_trial(
+                        study,
+                        trial_id,
+                        value=run.metrics.get("val_loss"),
+                        user_attrs=_trial_attrs(run),
+                        intermediate_values={h[0]: h[2] for h in run.history},
+                        artifact_store=store,
+                        checkpoint=run.checkpoint,
+                    )
+                    storage_s += time.perf_counter() - t0
+                    mine.discard(trial_id)
+                    trained += 1
+                    view.record(trial)
+                    observer.run_finished(run)
 
+    view.refresh()
     entries = [
         _variant_entry(
-            v, list(completed[v.name].values()), failures[v.name], exports.get(v.name), settings
+            v,
+            list(view.completed[v.name].values()),
+            view.failures[v.name],
+            exports.get(v.name),
+            settings,
         )
         for v in settings.variants
     ]
@@ -589,8 +730,8 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
         "training_s": round(sum(e.get("training_time_s", 0.0) for e in entries), 3),
         "storage_s": round(storage_s, 3),
         "storage_share": round(storage_s / wall, 4),
-        "runs_trained": len(pending),
-        "runs_resumed": len(settings.variants) * settings.repeats - len(pending),
+        "runs_trained": trained,
+        "runs_resumed": resumed,
         "jobs": settings.jobs,
     }
     results = {

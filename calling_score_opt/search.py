@@ -8,13 +8,11 @@ pruned) trials, however often it is interrupted and by how many worker processes
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import tempfile
-import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +23,9 @@ from calling_score_opt.model import check_pair_features
 from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
 from calling_score_opt.study import (
     CHECKPOINT_FILENAME,
-    HEARTBEAT_INTERVAL_S,
     artifact_store,
+    beating,
+    claim_lock,
     default_artifact_dir,
     default_storage_url,
     open_storage,
@@ -116,7 +115,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.GPSampler(seed=seed)
         if name == "cmaes":
             return optuna.samplers.CmaEsSampler(
-                seed=seed, independent_sampler=optuna.samplers.TPESampler(seed=seed)
+                seed=seed,
+                independent_sampler=optuna.samplers.TPESampler(seed=seed),
+                warn_independent_sampling=False,  # categorical batch sizes: expected, not news
             )
         return optuna.samplers.RandomSampler(seed=seed)
 
@@ -174,28 +175,6 @@ def _finished(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-
-
-@contextlib.contextmanager
-def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat while it runs, so a killed worker's trial is noticed."""
-    storage = study._storage
-    stop = threading.Event()
-    trial_id = trial._trial_id  # Optuna's own optimize() does exactly this
-
-    def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL_S):
-            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
-                storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-
-    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _measure_latency_ms(model: Any, runs: int = 200) -> float:
@@ -256,7 +235,7 @@ def _run_trial(
             trial.set_user_attr("pruned_at_epoch", stats.epoch)
             raise optuna.TrialPruned(f"pruned at epoch {stats.epoch}")
 
-    with _heartbeat(study, trial):
+    with beating(study._storage, {trial._trial_id}):  # as Optuna's own optimize() does
         try:
             result = train_model(split, config, settings.device, report)
         except optuna.TrialPruned:
@@ -298,16 +277,6 @@ def _run_trial(
     return TrialState.COMPLETE
 
 
-def _claim_lock(settings: SearchSettings) -> contextlib.AbstractContextManager[Any]:
-    """Serialise "count, then start a trial" across workers sharing one SQLite file."""
-    from filelock import FileLock
-
-    url = settings.storage
-    if url.startswith("sqlite:///"):
-        return FileLock(url[len("sqlite:///") :] + ".lock")
-    return contextlib.nullcontext()
-
-
 def _search_loop(
     settings: SearchSettings,
     split: Split,
@@ -325,7 +294,10 @@ def _search_loop(
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     failures = 0
     while deadline is None or time.monotonic() < deadline:
-        with _claim_lock(settings), warnings.catch_warnings():
+        with (
+            claim_lock(settings.storage, settings.study_name, study._storage),
+            warnings.catch_warnings(),
+        ):
             # cso records heartbeats itself (see _heartbeat), so Optuna's notes that heartbeats
             # are experimental and meant for optimize() do not apply.
             warnings.simplefilter("ignore", ExperimentalWarning)

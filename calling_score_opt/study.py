@@ -6,9 +6,14 @@ continues it and a rerun on other data is refused instead of silently mixing res
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import re
 import tempfile
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.artifacts import FileSystemArtifactStore
     from optuna.distributions import BaseDistribution
-    from optuna.storages import BaseStorage
+    from optuna.storages import BaseStorage, RDBStorage
     from optuna.trial import FrozenTrial
 
 STUDIES_DIR = Path("studies")
@@ -49,9 +54,18 @@ def default_artifact_dir(storage_url: str, study_name: str) -> Path:
     return STUDIES_DIR / f"{study_name}.artifacts"
 
 
-HEARTBEAT_INTERVAL_S = 5
-GRACE_PERIOD_S = 20  # a trial silent this long belongs to a dead worker: failed and retried
 STALE_TRIAL_RETRIES = 2
+
+
+def heartbeat_interval_s() -> int:
+    """Seconds between heartbeats: 5, or ``CSO_HEARTBEAT_INTERVAL`` (tests use 1)."""
+    value = os.environ.get("CSO_HEARTBEAT_INTERVAL", "5")
+    return int(value) if value.isdigit() and int(value) > 0 else 5
+
+
+def grace_period_s() -> int:
+    """A trial silent this long belongs to a dead worker: it is failed and its run taken up."""
+    return 4 * heartbeat_interval_s()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -63,11 +77,38 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_storage(url: str, heartbeat: bool = False) -> BaseStorage:
+def _create_storage(
+    url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]
+) -> RDBStorage:
+    """RDBStorage, safe when several workers create the same new database at once.
+
+    Optuna creates its tables on first use; two processes doing that together make one fail
+    with "table ... already exists". SQLite workers take turns through a file lock; a server
+    database gets a few retries instead (the tables are there by then).
+    """
+    import optuna
+    import sqlalchemy.exc
+    from filelock import FileLock
+
+    if url.startswith(_SQLITE_PREFIX):
+        with FileLock(url[len(_SQLITE_PREFIX) :] + ".init.lock"):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            if "already exists" not in str(exc) and "duplicate" not in str(exc).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+
+
+def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) -> RDBStorage:
     """An RDB storage for ``url`` (SQLite or PostgreSQL), creating a SQLite file's folder.
 
     ``heartbeat`` turns on Optuna's heartbeats: a running trial whose worker stops beating for
-    ``GRACE_PERIOD_S`` is marked failed and queued again (up to ``STALE_TRIAL_RETRIES`` times).
+    :func:`grace_period_s` is marked failed and, with ``retry_stale``, queued again (up to
+    ``STALE_TRIAL_RETRIES`` times; a grid takes failed runs up itself instead).
     """
     import warnings
 
@@ -82,21 +123,20 @@ def open_storage(url: str, heartbeat: bool = False) -> BaseStorage:
     if sqlite:
         Path(url[len(_SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}  # wait for a busy writer, don't fail
-    heartbeat_kwargs: dict[str, Any] = {}
-    if heartbeat:
-        heartbeat_kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL_S,
-            "grace_period": GRACE_PERIOD_S,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
-                max_retry=STALE_TRIAL_RETRIES
-            ),
-        }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental"
-            storage = optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, **heartbeat_kwargs
-            )
+            heartbeat_kwargs: dict[str, Any] = {}
+            if heartbeat:
+                heartbeat_kwargs = {
+                    "heartbeat_interval": heartbeat_interval_s(),
+                    "grace_period": grace_period_s(),
+                }
+            if heartbeat and retry_stale:
+                heartbeat_kwargs["heartbeat_stale_trial_callback"] = (
+                    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_TRIAL_RETRIES)
+                )
+            storage = _create_storage(url, engine_kwargs, heartbeat_kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StudyError(
@@ -135,25 +175,19 @@ def open_study(storage: BaseStorage, name: str, identity: Mapping[str, Any]) -> 
     return study
 
 
-def record_trial(
+def start_trial(
     study: optuna.Study,
     *,
     params: Mapping[str, Any],
     distributions: Mapping[str, BaseDistribution],
-    value: float | None,
     user_attrs: Mapping[str, Any],
-    intermediate_values: Mapping[int, float],
-    artifact_store: FileSystemArtifactStore | None = None,
-    checkpoint: bytes | None = None,
-) -> FrozenTrial:
-    """Store one finished run as a trial in a handful of writes (not one per epoch).
+) -> int:
+    """Create a RUNNING trial with its parameters in one insert; returns its storage id.
 
-    ``value`` None records a failed trial. The trial is created RUNNING with everything at
-    once, gets its checkpoint artifact, then is finished: a crash in between leaves a RUNNING
-    trial that resumption ignores, never a complete trial without weights.
+    A RUNNING trial is how a worker claims a run: others see it and leave the run alone while
+    its heartbeat is fresh (see :func:`beating`).
     """
     import optuna
-    from optuna.artifacts import upload_artifact
     from optuna.trial import TrialState
 
     storage = study._storage  # public on Trial, private on Study; one storage per study
@@ -162,10 +196,38 @@ def record_trial(
         params=dict(params),
         distributions=dict(distributions),
         user_attrs=dict(user_attrs),
-        intermediate_values=dict(intermediate_values),
     )
-    study_id = storage.get_study_id_from_name(study.study_name)
-    trial_id = storage.create_new_trial(study_id, template_trial=template)
+    trial_id = storage.create_new_trial(
+        storage.get_study_id_from_name(study.study_name), template_trial=template
+    )
+    with contextlib.suppress(AttributeError):  # storages without heartbeats
+        storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+    return trial_id
+
+
+def finish_trial(
+    study: optuna.Study,
+    trial_id: int,
+    *,
+    value: float | None,
+    user_attrs: Mapping[str, Any],
+    intermediate_values: Mapping[int, float],
+    artifact_store: FileSystemArtifactStore | None = None,
+    checkpoint: bytes | None = None,
+) -> FrozenTrial:
+    """Store a run's results on its RUNNING trial and finish it (``value`` None: failed).
+
+    The checkpoint artifact is stored before the state changes: a crash in between leaves a
+    RUNNING trial (failed by the heartbeat, then retrained), never a complete one without weights.
+    """
+    from optuna.artifacts import upload_artifact
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    for key, attr in user_attrs.items():
+        storage.set_trial_user_attr(trial_id, key, attr)
+    for step, loss in intermediate_values.items():
+        storage.set_trial_intermediate_value(trial_id, step, loss)
     if checkpoint is not None and artifact_store is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / CHECKPOINT_FILENAME
@@ -182,6 +244,98 @@ def record_trial(
     else:
         storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
     return storage.get_trial(trial_id)
+
+
+def record_trial(
+    study: optuna.Study,
+    *,
+    params: Mapping[str, Any],
+    distributions: Mapping[str, BaseDistribution],
+    value: float | None,
+    user_attrs: Mapping[str, Any],
+    intermediate_values: Mapping[int, float],
+    artifact_store: FileSystemArtifactStore | None = None,
+    checkpoint: bytes | None = None,
+) -> FrozenTrial:
+    """Store one finished run as a trial (:func:`start_trial` then :func:`finish_trial`)."""
+    trial_id = start_trial(study, params=params, distributions=distributions, user_attrs={})
+    return finish_trial(
+        study,
+        trial_id,
+        value=value,
+        user_attrs=user_attrs,
+        intermediate_values=intermediate_values,
+        artifact_store=artifact_store,
+        checkpoint=checkpoint,
+    )
+
+
+@contextlib.contextmanager
+def beating(storage: BaseStorage, trial_ids: set[int]) -> Iterator[None]:
+    """Record a heartbeat for every trial id in ``trial_ids`` (a live set) while in the block.
+
+    A worker that dies stops beating; after :func:`grace_period_s` any other worker's
+    ``fail_stale_trials`` marks its trials failed, so their runs are taken up again.
+    """
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(heartbeat_interval_s()):
+            for trial_id in list(trial_ids):
+                with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=beat, name="cso-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def claim_lock(storage_url: str, study_name: str, storage: BaseStorage) -> Any:
+    """A lock that makes "look at the study, then claim a run" atomic across workers.
+
+    SQLite: a file lock beside the database (workers on one machine). PostgreSQL: a session
+    advisory lock keyed by the study name (workers on many machines). Other databases: none.
+    """
+    from filelock import FileLock
+
+    if storage_url.startswith(_SQLITE_PREFIX):
+        return FileLock(storage_url[len(_SQLITE_PREFIX) :] + ".lock")
+    if storage_url.startswith("postgresql"):
+        return _AdvisoryLock(storage, study_name)
+    return contextlib.nullcontext()
+
+
+class _AdvisoryLock:
+    """A PostgreSQL session advisory lock, reusable like a FileLock."""
+
+    def __init__(self, storage: BaseStorage, study_name: str) -> None:
+        digest = hashlib.sha256(f"cso:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+        # Studies wrap their RDBStorage in a cache; the engine lives on the storage inside it.
+        backend: Any = getattr(storage, "_backend", storage)
+        self._engine = backend.engine
+        self._connection: Any = None
+
+    def __enter__(self) -> _AdvisoryLock:
+        from sqlalchemy import text
+
+        self._connection = self._engine.connect()
+        self._connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from sqlalchemy import text
+
+        try:
+            self._connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
+            self._connection.commit()
+        finally:
+            self._connection.close()
+            self._connection = None
 
 
 def artifact_store(directory: Path) -> FileSystemArtifactStore:

@@ -28,6 +28,11 @@ def load_study(storage_url: str, study_name: str) -> optuna.Study:
     """The stored study, or a StudyError that lists the studies the storage does hold."""
     import optuna
 
+    if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///") :]).exists():
+        raise StudyError(
+            f"no study '{study_name}': {storage_url} does not exist; pass --study and --storage "
+            "of an existing study, or run cso grid / cso search first"
+        )
     storage = open_storage(storage_url, heartbeat=False)
     names = [
         s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
@@ -172,10 +177,13 @@ def export_trials(
     store = artifact_store(store_dir)
     storage = study._storage
     entries: list[dict[str, Any]] = []
+    names = [trial_name(t) for t in trials]
     for trial in trials:
         checkpoint = read_checkpoint(store, storage, trial)
         model, config, _ = load_checkpoint(checkpoint)
         name = trial_name(trial)
+        if names.count(name) > 1:  # several runs (repeats) of one grid variant: keep them apart
+            name = f"{name}_trial_{trial.number}"
         onnx_path = output_dir / f"calling_score_model_{name}.onnx"
         metadata = model_metadata(
             name,

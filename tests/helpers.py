@@ -9,9 +9,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from typer.testing import Result
 
 from calling_score_opt.data import FEATURE_GROUPS
+from calling_score_opt.errors import CsoError
+from calling_score_opt.train import TrainConfig
 
 # --- hand-made records ---------------------------------------------------------------------
 
@@ -80,3 +83,41 @@ def files_under(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
     """Every file below ``root`` except ``exclude``, sorted (to show nothing new appeared)."""
     skip = {p.resolve() for p in exclude}
     return sorted(p for p in root.rglob("*") if p.is_file() and p.resolve() not in skip)
+
+
+def fail_training(
+    monkeypatch: pytest.MonkeyPatch,
+    should_fail: Callable[[TrainConfig], bool],
+    error: Exception,
+) -> None:
+    """Make every run whose config matches raise ``error``, whether it trains alone
+    (``train_model``) or stacked with others (``train_stacked``, as the grid does).
+
+    Like the real stacked trainer, a training error fails only its member; any other exception
+    ends the whole stack.
+    """
+    from calling_score_opt import stacked as stacked_module
+    from calling_score_opt import train as train_module
+
+    real_model, real_stacked = train_module.train_model, stacked_module.train_stacked
+
+    def train_model(split: Any, config: TrainConfig, *args: Any, **kwargs: Any) -> Any:
+        if should_fail(config):
+            raise error
+        return real_model(split, config, *args, **kwargs)
+
+    def train_stacked(
+        split: Any, configs: Sequence[TrainConfig], device: str = "cpu", on_epoch: Any = None
+    ) -> list[Any]:
+        keep = [i for i, config in enumerate(configs) if not should_fail(config)]
+        if len(keep) < len(configs) and not isinstance(error, CsoError):
+            raise error
+        relay = None if on_epoch is None else (lambda j, stats: on_epoch(keep[j], stats))
+        kept = real_stacked(split, [configs[i] for i in keep], device, relay) if keep else []
+        results: list[Any] = [error] * len(configs)
+        for j, i in enumerate(keep):
+            results[i] = kept[j]
+        return results
+
+    monkeypatch.setattr(train_module, "train_model", train_model)
+    monkeypatch.setattr(stacked_module, "train_stacked", train_stacked)

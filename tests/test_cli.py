@@ -14,6 +14,7 @@ import pytest
 from helpers import (
     assert_clean_failure,
     cso_executable,
+    fail_training,
     files_under,
     make_record,
     make_records,
@@ -21,7 +22,6 @@ from helpers import (
 )
 from typer.testing import Result
 
-import calling_score_opt.train as train_module
 from calling_score_opt import cli
 from calling_score_opt.data import FEATURE_NAMES, load_dataset
 from calling_score_opt.errors import TrainingError
@@ -567,14 +567,11 @@ def test_grid_repeats_report_the_mean(run_cli: RunCli, data_copy: Path, tmp_path
 def test_grid_reports_failed_variants(
     run_cli: RunCli, data_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.train_model
-
-    def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if config.learning_rate == 0.0001:
-            raise TrainingError("loss became non-finite at epoch 1")
-        return real(split, config, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    fail_training(
+        monkeypatch,
+        lambda config: config.learning_rate == 0.0001,
+        TrainingError("loss became non-finite at epoch 1"),
+    )
     result = _grid(run_cli, data_copy)
     assert result.exit_code == 0, result.output
     assert "v1_1_lr_0.0001: FAILED: loss became non-finite at epoch 1" in result.stdout
@@ -585,10 +582,7 @@ def test_grid_reports_failed_variants(
 def test_grid_where_every_variant_fails_exits_2(
     run_cli: RunCli, data_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def train_model(*args: Any, **kwargs: Any) -> Any:
-        raise TrainingError("diverged")
-
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    fail_training(monkeypatch, lambda config: True, TrainingError("diverged"))
     result = _grid(run_cli, data_copy, "--quiet")
     assert_clean_failure(result, "every variant failed")
     assert "Failed variants (3):" in result.stdout
@@ -715,3 +709,83 @@ def test_a_path_that_looks_like_markup_is_printed_as_is(run_cli: RunCli, tmp_pat
     path = tmp_path / "old[red]" / "x[/]y.json"
     result = run_cli("data", "check", path)
     assert_clean_failure(result, "old[red]/x[/]y.json", "file not found")
+
+
+# --- help of the study commands ------------------------------------------------------------
+
+STUDY_COMMANDS = ["search", "trials", "best", "export"]
+
+
+@pytest.mark.parametrize("command", STUDY_COMMANDS)
+def test_study_commands_have_help_with_an_example(run_cli: RunCli, command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"Example: cso {command} " in result.stdout
+    assert re.search(rf"^\W*{command}\s", run_cli("--help").stdout, re.MULTILINE)
+
+
+def test_study_command_options_are_documented(run_cli: RunCli) -> None:
+    documented = {
+        "search": (
+            "--trials",
+            "--space",
+            "--sampler",
+            "--pruner",
+            "--objectives",
+            "--pair-features",
+            "--timeout",
+            "--data-path",
+            "--epochs",
+            "--seed",
+            "--jobs",
+            "--study",
+            "--storage",
+            "--artifacts",
+        ),
+        "trials": ("--study", "--storage", "--limit"),
+        "best": ("--study", "--storage"),
+        "export": ("--trial", "--best", "--top", "--output-dir", "--study", "--artifacts"),
+    }
+    for command, options in documented.items():
+        text = run_cli(command, "--help").stdout
+        for option in options:
+            assert option in text, (command, option)
+
+
+def test_study_command_help_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys\n"
+        "from calling_score_opt import cli\n"
+        "from typer.testing import CliRunner\n"
+        "for name in ('search', 'trials', 'best', 'export'):\n"
+        "    result = CliRunner().invoke(cli.app, [name, '--help'])\n"
+        "    assert result.exit_code == 0, result.output\n"
+        "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'optuna', 'numpy')\n"
+        "               if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "light"
+
+
+def test_real_console_script_search_fails_without_a_traceback(tmp_path: Path) -> None:
+    records = make_records(25)
+    write_json(tmp_path / "d.json", records)
+    proc = subprocess.run(
+        [cso_executable(), "search", "--data-path", "d.json", "--sampler", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+        env={"PATH": str(Path(sys.executable).parent), "COLUMNS": "200", "HOME": str(tmp_path)},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["error: --sampler must be one of tpe, gp, cmaes, random, got 'nope'"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]

@@ -311,3 +311,49 @@ def test_export_replaces_an_existing_file(
 
 def _scaling_of(model: CallingScoreModel) -> Scaling:
     return Scaling(mean=model.feature_mean.numpy(), std=model.feature_std.numpy())
+
+
+# --- a model with pair features: still 39 raw inputs in, [N] out ----------------------------
+
+
+@pytest.fixture(scope="module")
+def pair_exported(
+    tiny_split: Split, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TrainResult, ExportReport]:
+    result = train_model(tiny_split, TrainConfig(epochs=3, pair_features=True))
+    folder = tmp_path_factory.mktemp("pairs")
+    report = export_onnx(result.model, folder / "pairs.onnx", tiny_split.x_test, METADATA)
+    return result, report
+
+
+def test_pair_features_export_obeys_the_contract(
+    pair_exported: tuple[TrainResult, ExportReport],
+) -> None:
+    _, report = pair_exported
+    assert contract_problems(report.path, n_features=39) == []
+    onnx.checker.check_model(str(report.path), full_check=True)
+    session = _session(report.path)
+    (inp,) = session.get_inputs()
+    (out,) = session.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1]) == ("input", "tensor(float)", 39)
+    assert isinstance(inp.shape[0], str)
+    assert (out.name, out.type, len(out.shape)) == ("output", "tensor(float)", 1)
+    ops = [node.op_type for node in onnx.load(str(report.path)).graph.node]
+    assert {"Abs", "Concat"} <= set(ops)  # the differences are computed inside the graph
+    assert sorted(p.name for p in report.path.parent.iterdir()) == ["pairs.onnx"]
+
+
+@pytest.mark.parametrize("n", [1, 1000])
+def test_pair_features_onnx_matches_pytorch(
+    pair_exported: tuple[TrainResult, ExportReport], tiny_split: Split, n: int
+) -> None:
+    result, report = pair_exported
+    assert 0.0 <= report.parity_max_abs_diff <= PARITY_TOLERANCE
+    assert report.parity_samples == len(tiny_split.x_test)
+    x = np.random.default_rng(n).random((n, 39), dtype=np.float32)
+    scores = onnx_predict(report.path, x)
+    assert scores.shape == (n,)
+    np.testing.assert_allclose(scores, result.predict(x), rtol=0, atol=PARITY_TOLERANCE)
+    test_scores = onnx_predict(report.path, tiny_split.x_test)
+    mse = float(np.mean((test_scores.astype(np.float64) - tiny_split.y_test) ** 2))
+    assert mse == pytest.approx(result.test_loss, abs=1e-6)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
+from helpers import fail_training
 
-import calling_score_opt.train as train_module
 from calling_score_opt.data import FEATURE_NAMES, Dataset, load_dataset, split_dataset
 from calling_score_opt.errors import ConfigError, DataError, StudyError, TrainingError
 from calling_score_opt.export import contract_problems, onnx_predict, read_metadata
@@ -425,14 +425,7 @@ def test_two_worker_processes_give_the_same_results_as_inline(
 
 
 def _failing_for(monkeypatch: pytest.MonkeyPatch, lr: float, exc: Exception) -> None:
-    real = train_module.train_model
-
-    def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if config.learning_rate == lr:
-            raise exc
-        return real(split, config, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    fail_training(monkeypatch, lambda config: config.learning_rate == lr, exc)
 
 
 def test_a_failing_variant_is_reported_and_the_others_succeed(
@@ -467,23 +460,38 @@ def test_a_failing_variant_is_reported_and_the_others_succeed(
     assert retried.results["summary"]["failed"] == []
 
 
-def test_an_unexpected_exception_fails_only_its_variant(
+def test_an_unexpected_exception_fails_only_its_training_run(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _failing_for(monkeypatch, 0.0001, RuntimeError("CUDA out of memory"))
-    outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=2))
-    entry = by_name(outcome)["v1_1_lr_0.0001"]
+    # batch 16 trains alone; the baseline and the lr variants train as one stack
+    fail_training(
+        monkeypatch, lambda config: config.batch_size == 16, RuntimeError("CUDA out of memory")
+    )
+    outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=6))
+    entry = by_name(outcome)["v1_1_batch_16"]
     assert entry["success"] is False
     assert entry["error"] == "RuntimeError: CUDA out of memory"
-    assert by_name(outcome)["v1_0_baseline"]["success"] is True
+    assert [e["success"] for e in outcome.results["variants"]] == [True] * 5 + [False]
+
+
+def test_an_unexpected_exception_in_a_stack_fails_that_stack_only(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail_training(
+        monkeypatch, lambda config: config.learning_rate == 0.0001, RuntimeError("out of memory")
+    )
+    outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=6))
+    failed = {e["name"]: e["error"] for e in outcome.results["variants"] if not e["success"]}
+    assert failed == {name: "RuntimeError: out of memory" for name in (
+        "v1_0_baseline", "v1_1_lr_0.0001", "v1_1_lr_0.0005", "v1_1_lr_0.002", "v1_1_lr_0.005"
+    )}  # fmt: skip
+    assert by_name(outcome)["v1_1_batch_16"]["success"] is True
 
 
 def test_every_variant_failing_gives_no_best(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        train_module, "train_model", lambda *a, **k: (_ for _ in ()).throw(TrainingError("no"))
-    )
+    fail_training(monkeypatch, lambda config: True, TrainingError("no"))
     outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=2))
     summary = outcome.results["summary"]
     assert summary["succeeded"] == 0
@@ -609,14 +617,11 @@ def test_ranking_uses_validation_not_test_loss(tiny_dataset: Dataset) -> None:
 def test_a_variant_with_a_failed_repeat_is_failed_not_half_reported(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch, failing_lr: float
 ) -> None:
-    real = train_module.train_model
-
-    def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if config.seed == 1 and config.learning_rate == failing_lr:
-            raise TrainingError("loss became non-finite at epoch 2")
-        return real(split, config, *args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    fail_training(
+        monkeypatch,
+        lambda config: config.seed == 1 and config.learning_rate == failing_lr,
+        TrainingError("loss became non-finite at epoch 2"),
+    )
     outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=2, repeats=2))
     name = "v1_1_lr_0.0001" if failing_lr == 0.0001 else "v1_0_baseline"
     entry = by_name(outcome)[name]

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from calling_score_opt.console import console, fails_cleanly
 from calling_score_opt.errors import CsoError
+from calling_score_opt.registry_cli import registry_app
 
 DEFAULT_DATA = Path("data/calling_score_training_data_v1_hybrid.json")
 DEFAULT_RECORDS = 10_000
@@ -33,13 +34,14 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
 
 # Options shared by several commands.
 DataPath = Annotated[
     Path | None,
     typer.Option(
         help=f"Training data: the app's JSON export, or a CSV with --target. "
-        f"[default: {DEFAULT_DATA}, generated ({DEFAULT_RECORDS:,} records) if missing]",
+        f"(default: {DEFAULT_DATA}, generated ({DEFAULT_RECORDS:,} records) if missing)",
         show_default=False,
     ),
 ]
@@ -96,18 +98,18 @@ def grid(
     ] = 1,
     jobs: Annotated[
         int | None,
-        typer.Option(min=1, help="Worker processes. [default: the CPU cores available]"),
+        typer.Option(min=1, help="Worker processes. (default: the CPU cores available)"),
     ] = None,
     study: Annotated[str, typer.Option(help="Optuna study name (one trial per run).")] = (
         "calling-score-grid"
     ),
     storage: Annotated[
         str | None,
-        typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]"),
+        typer.Option(help="Optuna storage URL. (default: sqlite:///studies/<study>.db)"),
     ] = None,
     artifacts: Annotated[
         Path | None,
-        typer.Option(help="Folder for stored weights. [default: beside the SQLite file]"),
+        typer.Option(help="Folder for stored weights. (default: beside the SQLite file)"),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
@@ -289,10 +291,10 @@ def train(
 SEARCH_STUDY = "calling-score-search"
 Study = Annotated[str, typer.Option(help="Optuna study name.")]
 Storage = Annotated[
-    str | None, typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]")
+    str | None, typer.Option(help="Optuna storage URL. (default: sqlite:///studies/<study>.db)")
 ]
 Artifacts = Annotated[
-    Path | None, typer.Option(help="Folder of stored weights. [default: beside the SQLite file]")
+    Path | None, typer.Option(help="Folder of stored weights. (default: beside the SQLite file)")
 ]
 
 
@@ -467,7 +469,7 @@ def export(
     artifacts: Artifacts = None,
     data_path: Annotated[
         Path | None,
-        typer.Option(help="The study's data, for the parity check. [default: the recorded file]"),
+        typer.Option(help="The study's data, for the parity check. (default: the recorded file)"),
     ] = None,
     target: Target = None,
 ) -> None:

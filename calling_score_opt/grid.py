@@ -173,9 +173,8 @@ def _outcome(variant: Variant, repeat: int, seed: int, result: Any) -> RunOutcom
 
 
 def _train_group(variants: list[Variant], repeat: int, seed: int, epochs: int) -> list[RunOutcome]:
-    """Train variants that share a network shape and batch size: stacked when there are several."""
+    """Train variants that share a network shape, batch size and seed as one stacked model."""
     from calling_score_opt.stacked import train_stacked
-    from calling_score_opt.train import train_model
 
     split: Split = _worker["split"]
     events = _worker["events"]
@@ -186,21 +185,12 @@ def _train_group(variants: list[Variant], repeat: int, seed: int, epochs: int) -
             events.put((variants[index].name, repeat, stats.epoch, epochs, stats.val_loss))
 
     results: list[Any]
-    try:
-        if len(configs) == 1:
-            try:
-                results = [
-                    train_model(
-                        split, configs[0], _worker["device"], lambda stats: on_epoch(0, stats)
-                    )
-                ]
-            except CsoError as exc:
-                results = [exc]
-        else:
-            results = list(train_stacked(split, configs, _worker["device"], on_epoch))
+    try:  # a stack of one is still the cheaper engine (see stacked.py)
+        results = list(train_stacked(split, configs, _worker["device"], on_epoch))
+    except CsoError as exc:
+        results = [exc] * len(configs)
     except Exception as exc:  # out of memory, a CUDA fault, ...: these variants fail, others go on
-        error = CsoError(f"{type(exc).__name__}: {exc}")
-        results = [error] * len(configs)
+        results = [CsoError(f"{type(exc).__name__}: {exc}")] * len(configs)
     return [_outcome(v, repeat, seed, r) for v, r in zip(variants, results, strict=True)]
 
 

@@ -217,7 +217,8 @@ def _run_trial(
     from optuna.artifacts import upload_artifact
     from optuna.trial import TrialState
 
-    from calling_score_opt.train import EpochStats, checkpoint_bytes, train_model
+    from calling_score_opt.stacked import train_one
+    from calling_score_opt.train import EpochStats, checkpoint_bytes
 
     config = suggest_config(
         trial, settings.space, settings.epochs, settings.seed, settings.pair_features
@@ -237,7 +238,7 @@ def _run_trial(
 
     with beating(study._storage, {trial._trial_id}):  # as Optuna's own optimize() does
         try:
-            result = train_model(split, config, settings.device, report)
+            result = train_one(split, config, settings.device, report)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED

@@ -455,3 +455,22 @@ def train_stacked(
         assert result is not None
         finished.append(result)
     return finished
+
+
+def train_one(
+    split: Split,
+    config: TrainConfig,
+    device: str = "cpu",
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> TrainResult:
+    """One model through the stacked engine (a stack of one): about twice as fast as
+    :func:`~calling_score_opt.train.train_model` on these tiny matrices, same training process.
+
+    Raises:
+        TrainingError: the loss became non-finite.
+    """
+    relay = None if on_epoch is None else (lambda _index, stats: on_epoch(stats))
+    (result,) = train_stacked(split, [config], device, relay)
+    if isinstance(result, TrainingError):
+        raise result
+    return result

@@ -279,12 +279,17 @@ def beating(storage: BaseStorage, trial_ids: set[int]) -> Iterator[None]:
     """
     stop = threading.Event()
 
+    def beat_all() -> None:
+        for trial_id in list(trial_ids):
+            with contextlib.suppress(Exception):  # a missed beat is not worth a crash
+                storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+
     def beat() -> None:
         while not stop.wait(heartbeat_interval_s()):
-            for trial_id in list(trial_ids):
-                with contextlib.suppress(Exception):  # a missed beat is not worth a crash
-                    storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+            beat_all()
 
+    # At once, too: a trial with no heartbeat at all is never found stale by Optuna.
+    beat_all()
     thread = threading.Thread(target=beat, name="cso-heartbeat", daemon=True)
     thread.start()
     try:

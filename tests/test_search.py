@@ -12,7 +12,7 @@ from helpers import assert_clean_failure, files_under, write_json
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
-import calling_score_opt.train as train_module
+import calling_score_opt.stacked as stacked_module
 from calling_score_opt.errors import ConfigError, StudyError, TrainingError
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.space import GRID_CHOICES, VARIANTS, baseline_params
@@ -301,7 +301,7 @@ def test_two_worker_processes_share_the_default_sqlite_storage(
 def test_a_failing_trial_is_recorded_and_the_search_still_reaches_n(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.train_model
+    real = stacked_module.train_one
     calls: list[float] = []
 
     def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -310,7 +310,7 @@ def test_a_failing_trial_is_recorded_and_the_search_still_reaches_n(
             raise TrainingError("loss became non-finite at epoch 1")
         return real(split, config, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    monkeypatch.setattr(stacked_module, "train_one", train_model)
     settings = settings_in(tmp_path, synth_file, trials=3)
     outcome = run_search(settings)
     assert outcome.finished == 3
@@ -326,14 +326,14 @@ def test_a_failing_trial_is_recorded_and_the_search_still_reaches_n(
 def test_an_unexpected_error_fails_its_trial(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = train_module.train_model
+    real = stacked_module.train_one
 
     def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
         if config.learning_rate == 0.001:
             raise RuntimeError("CUDA out of memory")
         return real(split, config, *args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    monkeypatch.setattr(stacked_module, "train_one", train_model)
     settings = settings_in(tmp_path, synth_file, trials=2)
     run_search(settings)
     trials = load(settings).get_trials()
@@ -348,7 +348,7 @@ def test_a_search_where_every_trial_fails_stops_with_an_error(
     def train_model(*args: Any, **kwargs: Any) -> Any:
         raise TrainingError("diverged")
 
-    monkeypatch.setattr(train_module, "train_model", train_model)
+    monkeypatch.setattr(stacked_module, "train_one", train_model)
     settings = settings_in(tmp_path, synth_file, trials=1)
     with pytest.raises(TrainingError, match="trials failed in this run"):
         run_search(settings)

@@ -17,13 +17,13 @@ from helpers import assert_clean_failure
 from optuna.trial import FrozenTrial, TrialState
 from typer.testing import Result
 
-import calling_score_opt.train as train_module
+import calling_score_opt.stacked as stacked_module
 from calling_score_opt.data import load_dataset, split_dataset
 from calling_score_opt.errors import StudyError, TrainingError
 from calling_score_opt.export import contract_problems, onnx_predict, read_metadata
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.study import artifact_store, open_storage, read_checkpoint
-from calling_score_opt.train import load_checkpoint, train_model
+from calling_score_opt.train import load_checkpoint
 from calling_score_opt.trials import (
     RESULTS_FILENAME,
     best_trials,
@@ -103,7 +103,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory, synth_file: Path) -> Path:
     study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{root}/studies/{STUDY}.db")
     for params in [*GOOD, BAD, FAILING]:
         study.enqueue_trial(params)
-    real = train_module.train_model
+    real = stacked_module.train_one
 
     def failing(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
         if config.learning_rate == 0.0005 and config.hidden_sizes == (128, 64, 32):
@@ -111,7 +111,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory, synth_file: Path) -> Path:
         return real(split, config, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "train_model", failing)
+        patch.setattr(stacked_module, "train_one", failing)
         outcome = run_search(_settings(root, synth_file, 7))
     assert outcome.counts["FAIL"] == 1
     assert outcome.counts.get("PRUNED", 0) >= 1
@@ -272,7 +272,7 @@ def test_export_a_trial_matches_the_trained_model(
     assert len(names) == 39
 
     # ... which are the weights training this configuration gives (nothing was retrained)
-    retrained = train_model(split, config)
+    retrained = stacked_module.train_one(split, config)
     assert retrained.test_loss == pytest.approx(trial.user_attrs["test_loss"], rel=1e-9)
     np.testing.assert_allclose(retrained.predict(split.x_test), expected, rtol=0, atol=1e-6)
 

@@ -262,7 +262,7 @@ def test_a_killed_grid_is_resumed_and_leaves_no_truncated_file(
         "--data-path",
         data,
         "--epochs",
-        "40",
+        "15",
         "--jobs",
         "1",
         "--study",
@@ -274,7 +274,7 @@ def test_a_killed_grid_is_resumed_and_leaves_no_truncated_file(
         "--output-dir",
         out,
         "--max-variants",
-        "3",
+        "2",
         "--quiet",
     )
     first = _cso(*args)
@@ -287,11 +287,11 @@ def test_a_killed_grid_is_resumed_and_leaves_no_truncated_file(
     trials = _load(storage_url, study).get_trials(deepcopy=False)
     assert trials[killed].state == TrialState.FAIL  # stale heartbeat
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.user_attrs["variant"] for t in complete) == sorted(v.name for v in VARIANTS[:3])
+    assert sorted(t.user_attrs["variant"] for t in complete) == sorted(v.name for v in VARIANTS[:2])
     results = json.loads((out / "optimization_results.json").read_text())
-    assert [v["success"] for v in results["variants"]] == [True] * 3
+    assert [v["success"] for v in results["variants"]] == [True] * 2
     for path in out.glob("*.onnx"):
         onnx.checker.check_model(str(path))
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
-        [f"calling_score_model_{v.name}.onnx" for v in VARIANTS[:3]] + ["optimization_results.json"]
+        [f"calling_score_model_{v.name}.onnx" for v in VARIANTS[:2]] + ["optimization_results.json"]
     )

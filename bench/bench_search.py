@@ -77,12 +77,38 @@ def main() -> None:
         grid_s = run(["grid", *common, "--output-dir", str(work / "grid")], work)
         grid = json.loads((work / "grid" / "optimization_results.json").read_text())["summary"]
         print("cso search --space grid ...", flush=True)
-        search_s = run(["search", "--trials", str(args.trials), "--space", "grid",
-                        "--pair-features", "off", "--study", "s", *common], work)  # fmt: skip
+        search_s = run(
+            [
+                "search",
+                "--trials",
+                str(args.trials),
+                "--space",
+                "grid",
+                "--pair-features",
+                "off",
+                "--study",
+                "s",
+                *common,
+            ],
+            work,
+        )
         search = best_of_study(work, "s")
         print("cso search --space grid --pair-features on ...", flush=True)
-        pairs_s = run(["search", "--trials", str(args.trials), "--space", "grid",
-                       "--pair-features", "on", "--study", "p", *common], work)  # fmt: skip
+        pairs_s = run(
+            [
+                "search",
+                "--trials",
+                str(args.trials),
+                "--space",
+                "grid",
+                "--pair-features",
+                "on",
+                "--study",
+                "p",
+                *common,
+            ],
+            work,
+        )
         pairs = best_of_study(work, "p")
 
         dataset = load_dataset(data)
@@ -108,8 +134,11 @@ def main() -> None:
         "search_s": round(search_s, 2),
         "search_pair_features_s": round(pairs_s, 2),
         "time_ratio_search_over_grid": round(search_s / grid_s, 3),
-        "grid_best": {"name": grid_best["name"], "val_loss": grid_best["val_loss"],
-                      "test_loss": grid_best["test_loss"]},  # fmt: skip
+        "grid_best": {
+            "name": grid_best["name"],
+            "val_loss": grid_best["val_loss"],
+            "test_loss": grid_best["test_loss"],
+        },
         "search_best": search,
         "search_pair_features_best": pairs,
         "baseline_val_loss_seed_std": noise,
@@ -123,14 +152,20 @@ def main() -> None:
         },
     }
     print(f"cso grid:                      {grid_s:6.1f}s  best val {grid_best['val_loss']:.5f}")
-    print(f"cso search --space grid:       {search_s:6.1f}s  best val {search['val_loss']:.5f}"
-          f"  ({search['states']})")  # fmt: skip
+    print(
+        f"cso search --space grid:       {search_s:6.1f}s  best val {search['val_loss']:.5f}"
+        f"  ({search['states']})"
+    )
     print(f"  ... with --pair-features on: {pairs_s:6.1f}s  best val {pairs['val_loss']:.5f}")
     print(f"time ratio search/grid: {search_s / grid_s:.2f} (target: < 1)")
-    print(f"search - grid best val loss: {report['search_minus_grid_val_loss']:+.5f} "
-          f"(seed noise, std over 3 seeds: {noise:.5f})")  # fmt: skip
-    print("explainable variance captured on the test split "
-          f"(var {var_y:.5f}, irreducible {floor:.5f}):")  # fmt: skip
+    print(
+        f"search - grid best val loss: {report['search_minus_grid_val_loss']:+.5f} "
+        f"(seed noise, std over 3 seeds: {noise:.5f})"
+    )
+    print(
+        "explainable variance captured on the test split "
+        f"(var {var_y:.5f}, irreducible {floor:.5f}):"
+    )
     for name, value in report["explained_share"].items():
         print(f"  {name:28s} {value:.1%}")
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,9 @@ def main() -> None:
     order = np.random.default_rng(42).permutation(n)
     n_train, n_val = int(0.7 * n), int(0.15 * n)
     tr, va, te = np.split(order, [n_train, n_train + n_val])
-    train_loader = DataLoader(CallingScoreDataset(x[tr], y[tr]), batch_size=batch_size, shuffle=True)
+    train_loader = DataLoader(
+        CallingScoreDataset(x[tr], y[tr]), batch_size=batch_size, shuffle=True
+    )
     val_loader = DataLoader(CallingScoreDataset(x[va], y[va]), batch_size=batch_size)
     test_loader = DataLoader(CallingScoreDataset(x[te], y[te]), batch_size=batch_size)
 
@@ -137,8 +139,12 @@ def main() -> None:
     test_loss /= len(test_loader)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
-        model, (torch.randn(1, 39),), str(args.output_dir / f"calling_score_model_{args.variant}.onnx"),
-        input_names=["input"], output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+        model,
+        (torch.randn(1, 39),),
+        str(args.output_dir / f"calling_score_model_{args.variant}.onnx"),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}},
     )
     print(f"Test Loss: {test_loss:.4f}")
     print(f"Val Loss: {best_val:.4f}")

@@ -68,6 +68,7 @@ SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MIN_RECORDS = 20  # below this a 70/15/15 split leaves fewer than 3 records to validate or test on
 
 Array = npt.NDArray[np.float32]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ def _number(path: Path, index: int, name: str, value: object) -> float:
         number = math.inf
     if not math.isfinite(number):
         raise DataError(f"{where}: {value!r} is not a finite number; fix or remove the record")
+    if abs(number) > _FLOAT32_MAX:  # the model computes in float32: this would become inf
+        raise DataError(f"{where}: {value!r} is too large for the model; fix or remove the record")
     return number
 
 

@@ -55,6 +55,8 @@ def default_artifact_dir(storage_url: str, study_name: str) -> Path:
 
 
 STALE_TRIAL_RETRIES = 2
+DB_POOL_SIZE = 3
+DB_MAX_OVERFLOW = 1  # so one worker holds at most 4 connections to a database server
 
 
 def heartbeat_interval_s() -> int:
@@ -123,6 +125,13 @@ def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) ->
     if sqlite:
         Path(url[len(_SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}  # wait for a busy writer, don't fail
+    else:
+        # A worker needs at most 3 connections at once (its work, the claim lock, the
+        # heartbeat thread): a small pool keeps many workers under the server's limit
+        # (PostgreSQL's default max_connections is 100; see docs/workers.md).
+        engine_kwargs.update(
+            pool_size=DB_POOL_SIZE, max_overflow=DB_MAX_OVERFLOW, pool_pre_ping=True
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeats are "experimental"

@@ -13,6 +13,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from calling_score_opt import report_cli
 from calling_score_opt.console import console, fails_cleanly
 from calling_score_opt.errors import CsoError
 from calling_score_opt.registry_cli import registry_app
@@ -35,6 +36,8 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
+app.command()(report_cli.report)
+app.command()(report_cli.dashboard)
 
 # Options shared by several commands.
 DataPath = Annotated[

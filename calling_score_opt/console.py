@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -12,7 +13,8 @@ from rich.markup import escape
 
 from calling_score_opt.errors import CsoError
 
-console = Console()
+# Piped or logged output gets lines wide enough for the summary tables (rich's default is 80).
+console = Console() if sys.stdout.isatty() else Console(width=120)
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -316,15 +316,15 @@ def _identity(settings: GridSettings, dataset: Dataset) -> dict[str, Any]:
 
 
 def _trial_attrs(outcome: RunOutcome) -> dict[str, Any]:
-    attrs: dict[str, Any] = {
-        "variant": outcome.variant,
-        "repeat": outcome.repeat,
-        "seed": outcome.seed,
-    }
-    if outcome.error is not None:
-        attrs["error"] = outcome.error
+    """What a finished run adds to its trial (variant, repeat and seed were set at the claim).
+
+    The learning curves are two list attributes rather than one intermediate value per epoch:
+    Optuna writes each of those separately, and they made storage the grid's largest overhead.
+    """
+    attrs: dict[str, Any] = {"error": outcome.error} if outcome.error is not None else {}
     attrs.update(outcome.metrics)
     attrs["train_losses"] = [round(h[1], 8) for h in outcome.history]
+    attrs["val_losses"] = [h[2] for h in outcome.history]
     return attrs
 
 
@@ -692,7 +692,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                         trial_id,
                         value=run.metrics.get("val_loss"),
                         user_attrs=_trial_attrs(run),
-                        intermediate_values={h[0]: h[2] for h in run.history},
+                        intermediate_values={},
                         artifact_store=store,
                         checkpoint=run.checkpoint,
                     )

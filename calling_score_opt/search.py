@@ -267,6 +267,8 @@ def _run_trial(
                 study_or_trial=trial,
                 mimetype="application/octet-stream",
             )
+        if settings.multi_objective:  # Optuna takes no per-epoch reports here: keep the curve
+            trial.set_user_attr("val_losses", [s.val_loss for s in result.history])
         values = [result.val_loss]
         if "params" in settings.objective_names:
             values.append(float(result.parameters))

@@ -789,3 +789,52 @@ def test_real_console_script_search_fails_without_a_traceback(tmp_path: Path) ->
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: --sampler must be one of tpe, gp, cmaes, random, got 'nope'"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.json"]
+
+
+def _all_commands() -> list[tuple[str, ...]]:
+    import typer
+
+    from calling_score_opt.cli import app
+
+    def walk(command: Any, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+        subcommands = getattr(command, "commands", None)  # a group
+        if subcommands:
+            return [p for name, sub in subcommands.items() for p in walk(sub, (*path, name))]
+        return [path]
+
+    return walk(typer.main.get_command(app), ())
+
+
+ALL_COMMANDS = _all_commands()
+
+
+def test_the_walk_finds_every_command() -> None:
+    names = {" ".join(c) for c in ALL_COMMANDS}
+    assert {
+        "grid",
+        "train",
+        "search",
+        "trials",
+        "best",
+        "export",
+        "report",
+        "dashboard",
+        "data check",
+        "data synth",
+        "registry register",
+        "registry route",
+    } <= names
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=" ".join)
+def test_every_cli_command_has_help_an_example_and_docs(
+    run_cli: RunCli, command: tuple[str, ...]
+) -> None:
+    result = run_cli(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert f"Example: cso {' '.join(command)}" in result.stdout
+    root = Path(__file__).resolve().parent.parent
+    docs = (root / "README.md").read_text() + "".join(
+        p.read_text() for p in sorted((root / "docs").glob("*.md"))
+    )
+    assert f"cso {' '.join(command)}" in docs, f"cso {' '.join(command)} is not in README or docs/"

@@ -237,11 +237,11 @@ def test_each_run_is_a_trial_with_params_attrs_and_per_epoch_values(
         assert (trial.user_attrs["repeat"], trial.user_attrs["seed"]) == (0, 0)
         assert len(trial.user_attrs["train_losses"]) == entry["epochs_run"]
         assert entry["trial_numbers"] == [trial.number]
-        # one intermediate value per epoch: the validation loss
-        assert sorted(trial.intermediate_values) == list(range(1, entry["epochs_run"] + 1))
-        best_val = min(trial.intermediate_values.values())
-        assert trial.intermediate_values[entry["best_epoch"]] == best_val
-        assert entry["val_loss"] == pytest.approx(best_val, abs=1e-6)
+        # the learning curve: one validation loss per epoch, as a list attribute
+        val_losses = trial.user_attrs["val_losses"]
+        assert len(val_losses) == entry["epochs_run"]
+        assert val_losses[entry["best_epoch"] - 1] == min(val_losses)
+        assert entry["val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
 
 
 def test_study_remembers_data_and_settings(

@@ -484,7 +484,14 @@ EXPECTED_PLOTS = {
         "plot-parallel",
         "plot-slices",
     ),
-    "pareto": ("plot-history", "plot-importances", "plot-parallel", "plot-slices", "plot-pareto"),
+    "pareto": (  # multi-objective trials keep their curves as a val_losses attribute
+        "plot-history",
+        "plot-learning-curves",
+        "plot-importances",
+        "plot-parallel",
+        "plot-slices",
+        "plot-pareto",
+    ),
 }
 
 
@@ -510,11 +517,7 @@ def test_report_is_one_offline_html_file_with_every_plot(
     for div_id in outcome.plots:
         assert page.count(f'id="{div_id}"') == 1
     assert [p.name for p in outcome.path.parent.iterdir()] == ["report.html"]  # no temp file
-    if kind == "pareto":
-        assert set(outcome.notes) == {"learning-curves"}
-        assert "several objectives" in outcome.notes["learning-curves"]
-    else:
-        assert outcome.notes == {}
+    assert outcome.notes == {}
 
 
 def test_the_same_study_gives_the_same_file(search: Built, tmp_path: Path) -> None:
@@ -650,3 +653,35 @@ def test_a_maximising_study_is_refused(tmp_path: Path) -> None:
     study.add_trial(optuna.trial.create_trial(value=1.0))
     with pytest.raises(StudyError, match="maximises an objective"):
         rpt.write_report(study, tmp_path / "r.html")
+
+
+def test_a_variant_without_weights_has_no_interval(grid: Built, tmp_path: Path) -> None:
+    study = grid.load()
+    folder = tmp_path / "artifacts"
+    shutil.copytree(grid.root / "studies" / f"{grid.name}.artifacts", folder)
+    lost = next(t for t in complete(study) if t.user_attrs["variant"] == "v1_1_lr_0.0005")
+    meta = optuna.artifacts.get_all_artifact_meta(lost, storage=study._storage)
+    (folder / meta[0].artifact_id).unlink()
+    errors = rpt.load_variant_errors(study, grid.storage, artifact_dir=folder)
+    assert errors.note == "no stored weights for v1_1_lr_0.0005"
+    info = rpt._collect_grid_info(study, errors)
+    assert info is not None
+    intervals = {b.name: b.ci95_pct for b in info.variants}
+    assert intervals["v1_1_lr_0.0005"] is None
+    assert intervals["v1_1_lr_0.002"] is not None
+    assert "none for v1_1_lr_0.0005 (no stored weights for v1_1_lr_0.0005)" in info.interval_note
+
+
+def test_the_grid_drawing_carries_the_intervals(grid: Built) -> None:
+    study = grid.load()
+    info = rpt._collect_grid_info(study, rpt.load_variant_errors(study, grid.storage))
+    assert info is not None
+    figure = rpt._draw_grid(info)
+    improvement = figure.data[-1]
+    shown = [b for b in info.variants if not b.baseline]
+    assert list(improvement.y) == [b.bootstrap_pct for b in shown]
+    for bar, y, up, down in zip(
+        shown, improvement.y, improvement.error_y.array, improvement.error_y.arrayminus, strict=True
+    ):
+        assert bar.ci95_pct == pytest.approx((y - down, y + up))
+    assert figure.data[0].x[0] == "v1_0_baseline (baseline)"

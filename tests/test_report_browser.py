@@ -28,16 +28,23 @@ import numpy as np
 import pytest
 from test_report import Built, built_grid, built_pareto, built_search, studies_base, write
 
-CHROMIUM = os.environ.get("CSO_CHROMIUM", "/usr/bin/chromium")
+#: The Debian package's path first; CSO_CHROMIUM names another build (or Chrome) instead.
+CANDIDATES = (
+    [os.environ["CSO_CHROMIUM"]]
+    if os.environ.get("CSO_CHROMIUM")
+    else ["/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome"]
+)
 IN_CI = os.environ.get("CI", "").lower() == "true"
 RENDER_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")
 def chromium_path() -> str:
-    if Path(CHROMIUM).is_file() or shutil.which(CHROMIUM):
-        return CHROMIUM
-    reason = f"{CHROMIUM} not found: install Chromium (apt-get install chromium)"
+    for candidate in CANDIDATES:
+        found = candidate if Path(candidate).is_file() else shutil.which(candidate)
+        if found:
+            return found
+    reason = f"no Chromium ({', '.join(CANDIDATES)}): install it (apt-get install chromium)"
     if IN_CI:
         pytest.fail(f"{reason}; CI must run the browser tests")
     pytest.skip(reason)

@@ -278,7 +278,9 @@ def test_a_killed_grid_is_resumed_and_leaves_no_truncated_file(
         "--quiet",
     )
     first = _cso(*args)
-    killed = _wait_for_running_trial(storage_url, study, min_epochs=1, timeout=120)
+    killed = _wait_for_running_trial(
+        storage_url, study, min_epochs=0, timeout=120
+    )  # grid trials report at the end
     _kill(first)
     for path in out.glob("*.onnx"):  # whatever was there when it died is whole
         onnx.checker.check_model(str(path))

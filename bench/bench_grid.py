@@ -180,6 +180,9 @@ def main() -> None:
         "cso_grid_jobs": timing["jobs"],
         "storage_s": timing["storage_s"],
         "storage_share_of_grid": round(timing["storage_s"] / grid_s, 4),
+        "storage_setup_s": timing["storage_setup_s"],
+        "storage_runs_s": timing["storage_runs_s"],
+        "storage_runs_share_of_grid": round(timing["storage_runs_s"] / grid_s, 4),
         "training_gflop": round(flops / 1e9, 1),
         "matmul_gflops_machine": round(peak / 1e9, 1),
         "share_of_matmul_throughput": round(flops / grid_s / peak, 4),
@@ -191,7 +194,9 @@ def main() -> None:
     print(f"speedup:      {report['speedup']:.2f}x  (targets: >= 4x; >= 10x with stacking)")
     print(
         f"storage:      {timing['storage_s']:.2f}s = {report['storage_share_of_grid']:.1%} "
-        "of the grid's time (target: < 5%)"
+        "of the grid's time (target: < 5%): opening/creating the study "
+        f"{timing['storage_setup_s']:.2f}s; claiming, finishing and reading back the runs "
+        f"{timing['storage_runs_s']:.2f}s = {report['storage_runs_share_of_grid']:.1%}"
     )
     print(
         f"training:     {flops / 1e9:.0f} GFLOP in {grid_s:.1f}s = "

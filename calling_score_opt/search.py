@@ -232,7 +232,7 @@ def _run_trial(
         if settings.multi_objective:
             return  # Optuna cannot prune on one of several objectives
         trial.report(stats.val_loss, stats.epoch)
-        if trial.should_prune():
+        if settings.pruner != "none" and trial.should_prune():  # asking costs a study read
             trial.set_user_attr("pruned_at_epoch", stats.epoch)
             raise optuna.TrialPruned(f"pruned at epoch {stats.epoch}")
 

@@ -269,15 +269,9 @@ def train(
             device,
             lambda s: status.update(f"training: epoch {s.epoch}/{epochs}, val {s.val_loss:.5f}"),
         )
-    metrics = {
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "test_loss": result.test_loss,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "parameters": result.parameters,
-    }
-    metadata = model_metadata("custom", config, dataset.feature_names, metrics, dataset.fingerprint)
+    metadata = model_metadata(
+        "custom", config, dataset.feature_names, result.metrics(), dataset.fingerprint
+    )
     report = export_onnx(result.model, output_path, split.x_test, metadata)
     console.print(
         f"Test Loss: {result.test_loss:.5f}\nVal Loss: {result.val_loss:.5f}\n"

@@ -36,11 +36,10 @@ from calling_score_opt.errors import ConfigError, CsoError
 from calling_score_opt.space import BASELINE_NAME, VARIANTS, Variant, grid_distributions
 from calling_score_opt.stats import Improvement, paired_bootstrap_improvement
 from calling_score_opt.study import (
+    StudyLocation,
     artifact_store,
     beating,
     claim_lock,
-    default_artifact_dir,
-    default_storage_url,
     finish_trial,
     heartbeat_interval_s,
     open_storage,
@@ -62,7 +61,7 @@ def onnx_filename(variant: str) -> str:
 
 
 @dataclass(frozen=True)
-class GridSettings:
+class GridSettings(StudyLocation):
     """Everything ``cso grid`` was asked to do."""
 
     data_path: Path
@@ -86,14 +85,6 @@ class GridSettings:
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.jobs < 1:
             raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
-
-    @property
-    def storage(self) -> str:
-        return self.storage_url or default_storage_url(self.study_name)
-
-    @property
-    def artifacts(self) -> Path:
-        return self.artifact_dir or default_artifact_dir(self.storage, self.study_name)
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -157,15 +148,7 @@ def _outcome(variant: Variant, repeat: int, seed: int, result: Any) -> RunOutcom
 
     if isinstance(result, CsoError):
         return RunOutcome(variant.name, repeat, seed, error=str(result))
-    metrics = {
-        "train_loss": result.train_loss,
-        "val_loss": result.val_loss,
-        "test_loss": result.test_loss,
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "training_time_s": result.training_time_s,
-        "parameters": result.parameters,
-    }
+    metrics: dict[str, Any] = result.metrics()
     history = tuple((s.epoch, s.train_loss, s.val_loss) for s in result.history)
     checkpoint = checkpoint_bytes(result, _worker["feature_names"])
     return RunOutcome(

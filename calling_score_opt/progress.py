@@ -22,6 +22,19 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 
+def _bar(console: Console) -> Progress:
+    """Description, bar, done/total, a note (epoch loss or best so far), elapsed time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,  # the summary replaces the bar
+    )
+
+
 def _run_label(variant: str, repeat: int, repeats: int) -> str:
     return f"{variant} (seed +{repeat})" if repeats > 1 else variant
 
@@ -38,15 +51,7 @@ class GridProgress(GridObserver):
         self._repeats = repeats
         self._quiet = quiet
         self._live = console.is_terminal and not quiet
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
+        self._progress = _bar(console)
         self._overall: TaskID | None = None
         self._epoch_tasks: dict[tuple[str, int], TaskID] = {}
         self._best: float | None = None
@@ -128,15 +133,7 @@ class SearchProgress(SearchObserver):
         self._console = console
         self._quiet = quiet
         self._live = console.is_terminal and not quiet
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[note]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
+        self._progress = _bar(console)
         self._trials: TaskID | None = None
         self._epochs: TaskID | None = None
         self._finished = 0

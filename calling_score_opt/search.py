@@ -8,6 +8,7 @@ pruned) trials, however often it is interrupted and by how many worker processes
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import tempfile
 import time
@@ -23,11 +24,10 @@ from calling_score_opt.model import check_pair_features
 from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
 from calling_score_opt.study import (
     CHECKPOINT_FILENAME,
+    StudyLocation,
     artifact_store,
     beating,
     claim_lock,
-    default_artifact_dir,
-    default_storage_url,
     open_storage,
     open_study,
 )
@@ -44,7 +44,7 @@ _FINISHED = ("COMPLETE", "PRUNED")
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(StudyLocation):
     """Everything ``cso search`` was asked to do."""
 
     data_path: Path
@@ -83,14 +83,6 @@ class SearchSettings:
                 raise ConfigError(f"{flag} must be at least 1, got {number}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
-
-    @property
-    def storage(self) -> str:
-        return self.storage_url or default_storage_url(self.study_name)
-
-    @property
-    def artifacts(self) -> Path:
-        return self.artifact_dir or default_artifact_dir(self.storage, self.study_name)
 
     @property
     def objective_names(self) -> tuple[str, ...]:
@@ -247,14 +239,8 @@ def _run_trial(
             trial.set_user_attr("error", reason)
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
-        for key, value in {
-            "train_loss": result.train_loss,
-            "val_loss": result.val_loss,
-            "test_loss": result.test_loss,  # recorded for people; the sampler never sees it
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "training_time_s": result.training_time_s,
-            "parameters": result.parameters,
+        for key, value in {  # test loss is recorded for people; the sampler never sees it
+            **result.metrics(),
             "train_losses": [round(s.train_loss, 8) for s in result.history],
         }.items():
             trial.set_user_attr(key, value)
@@ -301,7 +287,7 @@ def _search_loop(
             claim_lock(settings.storage, settings.study_name, study._storage),
             warnings.catch_warnings(),
         ):
-            # cso records heartbeats itself (see _heartbeat), so Optuna's notes that heartbeats
+            # cso records heartbeats itself (study.beating), so Optuna's notes that heartbeats
             # are experimental and meant for optimize() do not apply.
             warnings.simplefilter("ignore", ExperimentalWarning)
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
@@ -326,10 +312,16 @@ def _search_loop(
 
 
 def _worker_process(settings: SearchSettings, split: Split, dataset: Dataset, worker: int) -> None:
+    import sys
+
     import torch
 
     torch.set_num_threads(1)
-    _search_loop(settings, split, dataset, worker)
+    try:
+        _search_loop(settings, split, dataset, worker)
+    except CsoError as exc:  # one line, as from the main process, not a child's traceback
+        print(f"error: worker {worker}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 class SearchObserver:
@@ -350,7 +342,6 @@ class SearchOutcome:
     storage: str
     finished: int
     counts: dict[str, int] = field(default_factory=dict)
-    best: dict[str, Any] | None = None
 
 
 def _best_value(study: optuna.Study) -> float | None:
@@ -392,13 +383,14 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
         except ConfigError:
             if settings.pair_features == "on":
                 raise
-            settings = _replace(settings, pair_features="off")  # nothing to pair in other data
+            settings = dataclasses.replace(settings, pair_features="off")  # nothing to pair
     split = split_dataset(dataset, settings.seed)
     resolve_device(settings.device)
     study, _ = _open_search_study(settings, dataset, settings.seed)
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(baseline_params(settings.space, settings.pair_features))
-        study.set_user_attr("baseline_trial", 0)
+    with claim_lock(settings.storage, settings.study_name, study._storage):
+        if not study.get_trials(deepcopy=False):  # a new study: its first trial is the baseline
+            study.enqueue_trial(baseline_params(settings.space, settings.pair_features))
+            study.set_user_attr("baseline_trial", 0)
     observer.started(settings.trials, _finished(study), settings.jobs)
 
     def progressed(current: optuna.Study) -> None:
@@ -440,9 +432,3 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
         finished=_finished(study),
         counts={k: v for k, v in counts.items() if v},
     )
-
-
-def _replace(settings: SearchSettings, **changes: Any) -> SearchSettings:
-    import dataclasses
-
-    return dataclasses.replace(settings, **changes)

@@ -105,6 +105,22 @@ def _create_storage(
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
 
 
+class StudyLocation:
+    """For settings that name a study: its storage URL and artifact folder, defaults applied."""
+
+    study_name: str
+    storage_url: str | None  # None: sqlite:///studies/<study>.db
+    artifact_dir: Path | None  # None: beside the SQLite file
+
+    @property
+    def storage(self) -> str:
+        return self.storage_url or default_storage_url(self.study_name)
+
+    @property
+    def artifacts(self) -> Path:
+        return self.artifact_dir or default_artifact_dir(self.storage, self.study_name)
+
+
 def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) -> RDBStorage:
     """An RDB storage for ``url`` (SQLite or PostgreSQL), creating a SQLite file's folder.
 

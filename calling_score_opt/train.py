@@ -105,6 +105,19 @@ class TrainResult:
     def parameters(self) -> int:
         return count_parameters(self.model)
 
+    def metrics(self) -> dict[str, float | int]:
+        """The run's figures as stored with trials and in ONNX metadata (test loss included:
+        recorded for people, never used to choose)."""
+        return {
+            "train_loss": self.train_loss,
+            "val_loss": self.val_loss,
+            "test_loss": self.test_loss,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "training_time_s": self.training_time_s,
+            "parameters": self.parameters,
+        }
+
     def predict(self, x: Array) -> Array:
         """Scores for raw features ``x`` (float32, ``[N]``)."""
         with torch.no_grad():

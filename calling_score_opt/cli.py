@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calling_score_opt import report_cli
-from calling_score_opt.console import console, fails_cleanly
+from calling_score_opt.console import console, fails_cleanly, print_table
 from calling_score_opt.errors import CsoError
 from calling_score_opt.registry_cli import registry_app
 
@@ -174,7 +174,7 @@ def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
             f"{v['best_epoch']}/{v['epochs_run']}",
             f"{v['training_time_s']:.1f}s",
         )
-    console.print(table)
+    print_table(table)
     if ranked:
         best = ranked[0]
         cfg = best["config"]
@@ -403,7 +403,7 @@ def _print_best(study_obj: Any) -> None:
         if len(best) > 1 or len(study_obj.directions) > 1
         else "Best trial (lowest validation loss)"
     )
-    console.print(_trials_table([trial_row(t) for t in best], title))
+    print_table(_trials_table([trial_row(t) for t in best], title))
     baseline = next((t for t in study_obj.get_trials(deepcopy=False) if t.number == 0), None)
     top = best[0]
     if baseline is not None and baseline.values and top.number != 0 and len(best) == 1:
@@ -434,7 +434,7 @@ def trials(
     rows = [trial_row(t) for t in loaded.get_trials(deepcopy=False)]
     if limit is not None:
         rows = rows[-limit:]
-    console.print(_trials_table(rows, f"Study '{study}': {len(rows)} trials"))
+    print_table(_trials_table(rows, f"Study '{study}': {len(rows)} trials"))
 
 
 @app.command()
@@ -537,7 +537,7 @@ def data_check(
         table.add_column("records", justify="right")
         for name, count in report.defaulted.items():
             table.add_row(escape(name), f"{count:,} ({count / dataset.n_records:.0%})")
-        console.print(table)
+        print_table(table)
     else:
         console.print("Every feature is present in every record (nothing defaulted to 0.5).")
     if report.constant_features:

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from calling_score_opt.errors import CsoError
 
-# Piped or logged output gets lines wide enough for the summary tables (rich's default is 80).
-console = Console() if sys.stdout.isatty() else Console(width=120)
+console = Console()
 err_console = Console(stderr=True)
+
+
+def print_table(table: Table) -> None:
+    """A table in full: piped or logged output gets 120 columns, not rich's default 80."""
+    if console.is_terminal:
+        console.print(table)
+    else:  # rich caps a print at the console's width: a wider console for this one table
+        Console(width=max(console.width, 120)).print(table)
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,30 +35,16 @@ def _bar(console: Console) -> Progress:
     )
 
 
-def _run_label(variant: str, repeat: int, repeats: int) -> str:
-    return f"{variant} (seed +{repeat})" if repeats > 1 else variant
+class _Live:
+    """A live bar on a terminal (started and stopped as a context manager), else nothing."""
 
-
-class GridProgress(GridObserver):
-    """Variants done, each running variant's epoch and the best validation loss so far.
-
-    On a terminal this is a live bar; otherwise (CI logs, pipes) one line per finished run;
-    ``quiet`` prints nothing.
-    """
-
-    def __init__(self, console: Console, repeats: int, quiet: bool = False) -> None:
+    def __init__(self, console: Console, quiet: bool) -> None:
         self._console = console
-        self._repeats = repeats
         self._quiet = quiet
         self._live = console.is_terminal and not quiet
         self._progress = _bar(console)
-        self._overall: TaskID | None = None
-        self._epoch_tasks: dict[tuple[str, int], TaskID] = {}
-        self._best: float | None = None
-        self._done = 0
-        self._total = 0
 
-    def __enter__(self) -> GridProgress:
+    def __enter__(self) -> Self:
         if self._live:
             self._progress.start()
         return self
@@ -67,6 +53,27 @@ class GridProgress(GridObserver):
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._progress.stop()
+
+
+def _run_label(variant: str, repeat: int, repeats: int) -> str:
+    return f"{variant} (seed +{repeat})" if repeats > 1 else variant
+
+
+class GridProgress(_Live, GridObserver):
+    """Variants done, each running variant's epoch and the best validation loss so far.
+
+    On a terminal this is a live bar; otherwise (CI logs, pipes) one line per finished run;
+    ``quiet`` prints nothing.
+    """
+
+    def __init__(self, console: Console, repeats: int, quiet: bool = False) -> None:
+        super().__init__(console, quiet)
+        self._repeats = repeats
+        self._overall: TaskID | None = None
+        self._epoch_tasks: dict[tuple[str, int], TaskID] = {}
+        self._best: float | None = None
+        self._done = 0
+        self._total = 0
 
     def _note(self) -> str:
         return f"best val {self._best:.5f}" if self._best is not None else ""
@@ -126,28 +133,15 @@ class GridProgress(GridObserver):
             )
 
 
-class SearchProgress(SearchObserver):
+class SearchProgress(_Live, SearchObserver):
     """Finished trials against the target, the best validation loss and the running trial."""
 
     def __init__(self, console: Console, quiet: bool = False) -> None:
-        self._console = console
-        self._quiet = quiet
-        self._live = console.is_terminal and not quiet
-        self._progress = _bar(console)
+        super().__init__(console, quiet)
         self._trials: TaskID | None = None
         self._epochs: TaskID | None = None
         self._finished = 0
         self._target = 0
-
-    def __enter__(self) -> SearchProgress:
-        if self._live:
-            self._progress.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._progress.stop()
 
     def started(self, target: int, finished: int, jobs: int) -> None:
         self._finished, self._target = finished, target

@@ -52,7 +52,8 @@ class _Live:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._progress.stop()
+        if self._live:  # stopping a bar that never started still prints a blank line
+            self._progress.stop()
 
 
 def _run_label(variant: str, repeat: int, repeats: int) -> str:

@@ -838,3 +838,13 @@ def test_every_cli_command_has_help_an_example_and_docs(
         p.read_text() for p in sorted((root / "docs").glob("*.md"))
     )
     assert f"cso {' '.join(command)}" in docs, f"cso {' '.join(command)} is not in README or docs/"
+
+
+def test_a_refused_grid_prints_nothing_on_stdout(run_cli: RunCli, data_copy: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is not refused here")
+    result = run_cli("grid", "--data-path", data_copy, "--device", "cuda", "--jobs", "1")
+    assert_clean_failure(result, "--device cuda")
+    assert result.stdout == ""

@@ -539,6 +539,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     Raises:
         CsoError: bad data, options or storage (before anything is written).
     """
+    from optuna.exceptions import UpdateFinishedTrialError
 
     from calling_score_opt.train import resolve_device
 
@@ -652,6 +653,12 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                 if name not in exports and name not in exporting and view.variant_complete(name):
                     submit_export(name)
             if not inflight:
+                view.refresh()  # another worker may have completed a variant since
+                missing = [n for n in by_name if n not in exports and view.variant_complete(n)]
+                for name in missing:
+                    submit_export(name)
+                if missing:
+                    continue
                 if view.all_settled(runs):
                     break
                 # Other workers hold the remaining runs: wait for them (or for their heartbeat
@@ -677,18 +684,24 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                     continue
                 for run in outcome:
                     trial_id = trial_ids.pop((run.variant, run.repeat))
-                    t0 = time.perf_counter()
-                    trial = finish_trial(
-                        study,
-                        trial_id,
-                        value=run.metrics.get("val_loss"),
-                        user_attrs=_trial_attrs(run),
-                        intermediate_values={},
-                        artifact_store=store,
-                        checkpoint=run.checkpoint,
-                    )
-                    storage_s += time.perf_counter() - t0
                     mine.discard(trial_id)
+                    t0 = time.perf_counter()
+                    try:
+                        trial = finish_trial(
+                            study,
+                            trial_id,
+                            value=run.metrics.get("val_loss"),
+                            user_attrs=_trial_attrs(run),
+                            intermediate_values={},
+                            artifact_store=store,
+                            checkpoint=run.checkpoint,
+                        )
+                    except UpdateFinishedTrialError:
+                        # This process stalled past the grace period and another worker failed
+                        # the trial and took the run over: its result stands, ours is dropped.
+                        storage_s += time.perf_counter() - t0
+                        continue
+                    storage_s += time.perf_counter() - t0
                     trained += 1
                     view.record(trial)
                     observer.run_finished(run)
@@ -708,7 +721,6 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     wall = time.perf_counter() - started
     summary["timing"] = {
         "wall_s": round(wall, 3),
-        "training_s": round(sum(e.get("training_time_s", 0.0) for e in entries), 3),
         "storage_setup_s": round(setup_s, 3),
         "storage_s": round(setup_s + storage_s, 3),
         "storage_share": round((setup_s + storage_s) / wall, 4),

@@ -204,9 +204,30 @@ def _run_trial(
     store: FileSystemArtifactStore,
     on_epoch: EpochEvent | None,
 ) -> TrialState:
+    """Run one trial; if this worker stalled so long that another failed the trial as stale
+    (and queued it again), give it up quietly: that retry is the trial now."""
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    try:
+        return _train_and_tell(study, trial, settings, split, feature_names, store, on_epoch)
+    except UpdateFinishedTrialError:
+        return TrialState.FAIL
+
+
+def _train_and_tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    settings: SearchSettings,
+    split: Split,
+    feature_names: tuple[str, ...],
+    store: FileSystemArtifactStore,
+    on_epoch: EpochEvent | None,
+) -> TrialState:
     """Train one suggested configuration, tell the study how it ended, and return that."""
     import optuna
     from optuna.artifacts import upload_artifact
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     from calling_score_opt.stacked import train_one
@@ -234,35 +255,44 @@ def _run_trial(
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED
+        except UpdateFinishedTrialError:
+            raise
         except (TrainingError, RuntimeError, MemoryError) as exc:  # diverged, out of memory
             reason = str(exc) if isinstance(exc, CsoError) else f"{type(exc).__name__}: {exc}"
             trial.set_user_attr("error", reason)
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
-        for key, value in {  # test loss is recorded for people; the sampler never sees it
-            **result.metrics(),
-            "train_losses": [round(s.train_loss, 8) for s in result.history],
-        }.items():
-            trial.set_user_attr(key, value)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / CHECKPOINT_FILENAME
-            path.write_bytes(checkpoint_bytes(result, feature_names))
-            upload_artifact(
-                artifact_store=store,
-                file_path=str(path),
-                study_or_trial=trial,
-                mimetype="application/octet-stream",
-            )
-        if settings.multi_objective:  # Optuna takes no per-epoch reports here: keep the curve
-            trial.set_user_attr("val_losses", [s.val_loss for s in result.history])
-        values = [result.val_loss]
-        if "params" in settings.objective_names:
-            values.append(float(result.parameters))
-        if "latency" in settings.objective_names:
-            latency = _measure_latency_ms(result.model)
-            trial.set_user_attr("latency_ms", latency)
-            values.append(latency)
-        study.tell(trial, values)
+        try:
+            for key, value in {  # test loss is recorded for people; the sampler never sees it
+                **result.metrics(),
+                "train_losses": [round(s.train_loss, 8) for s in result.history],
+            }.items():
+                trial.set_user_attr(key, value)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / CHECKPOINT_FILENAME
+                path.write_bytes(checkpoint_bytes(result, feature_names))
+                upload_artifact(
+                    artifact_store=store,
+                    file_path=str(path),
+                    study_or_trial=trial,
+                    mimetype="application/octet-stream",
+                )
+            if settings.multi_objective:  # Optuna takes no per-epoch reports here: keep the curve
+                trial.set_user_attr("val_losses", [s.val_loss for s in result.history])
+            values = [result.val_loss]
+            if "params" in settings.objective_names:
+                values.append(float(result.parameters))
+            if "latency" in settings.objective_names:
+                latency = _measure_latency_ms(result.model)
+                trial.set_user_attr("latency_ms", latency)
+                values.append(latency)
+            study.tell(trial, values)
+        except UpdateFinishedTrialError:
+            raise
+        except (OSError, RuntimeError, ValueError) as exc:  # a full disk, an onnxruntime error
+            trial.set_user_attr("error", f"storing the result failed: {type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            return TrialState.FAIL
     return TrialState.COMPLETE
 
 
@@ -298,6 +328,8 @@ def _search_loop(
             if finished >= settings.trials:
                 return
             trial = study.ask() if finished + running < settings.trials else None
+            if trial is not None:  # a trial with no heartbeat at all is never found stale
+                study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
         if trial is None:  # the last trials are running elsewhere; one may still fail
             time.sleep(0.5)
             continue
@@ -319,9 +351,14 @@ def _worker_process(settings: SearchSettings, split: Split, dataset: Dataset, wo
     torch.set_num_threads(1)
     try:
         _search_loop(settings, split, dataset, worker)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the main process reports it
+        sys.exit(130)
     except CsoError as exc:  # one line, as from the main process, not a child's traceback
         print(f"error: worker {worker}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a database or file error: still one line, and a non-zero exit
+        print(f"error: worker {worker}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 class SearchObserver:

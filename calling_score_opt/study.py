@@ -354,7 +354,12 @@ class _AdvisoryLock:
         from sqlalchemy import text
 
         self._connection = self._engine.connect()
-        self._connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        try:
+            self._connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self._key})
+        except BaseException:  # a dropped connection or Ctrl-C while waiting: give it back
+            self._connection.close()
+            self._connection = None
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,12 @@ from calling_score_opt import __version__
 from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.data import load_dataset, split_dataset
 from calling_score_opt.errors import StudyError
-from calling_score_opt.study import default_artifact_dir, open_storage, read_checkpoint
+from calling_score_opt.study import (
+    artifact_store,
+    default_artifact_dir,
+    open_storage,
+    read_checkpoint,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -172,8 +177,6 @@ def export_trials(
         )
     split = split_dataset(dataset, int(attrs.get("split_seed", 0)))
     store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
-    from calling_score_opt.study import artifact_store
-
     store = artifact_store(store_dir)
     storage = study._storage
     entries: list[dict[str, Any]] = []

@@ -630,3 +630,29 @@ def test_a_variant_with_a_failed_repeat_is_failed_not_half_reported(
     assert "non-finite" in entry["error"]
     assert not (tmp_path / "out" / onnx_filename(name)).exists()
     assert [f["name"] for f in outcome.results["summary"]["failed"]] == [name]
+
+
+def test_a_run_taken_over_by_another_worker_is_not_a_crash(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This process stalls past the grace period; another worker fails its trial as stale.
+    # Finishing the trial then fails in Optuna: the grid must go on and train the run again.
+    import calling_score_opt.grid as grid_module
+
+    real_finish = grid_module.finish_trial
+    stolen: list[int] = []
+
+    def finish_trial(study: optuna.Study, trial_id: int, **kwargs: Any) -> Any:
+        if not stolen:
+            stolen.append(trial_id)
+            study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+        return real_finish(study, trial_id, **kwargs)
+
+    monkeypatch.setattr(grid_module, "finish_trial", finish_trial)
+    settings = settings_in(tmp_path, synth_file, max_variants=8)  # one stack
+    outcome = run_grid(settings)
+    assert [e["success"] for e in outcome.results["variants"]] == [True] * 8
+    trials = load_trials(settings)
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8

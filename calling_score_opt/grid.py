@@ -46,6 +46,7 @@ from calling_score_opt.study import (
     open_study,
     read_checkpoint,
     start_trial,
+    study_identity,
 )
 
 if TYPE_CHECKING:
@@ -290,13 +291,7 @@ def _run_cost(variant: Variant, n_train: int) -> float:
 
 
 def _identity(settings: GridSettings, dataset: Dataset) -> dict[str, Any]:
-    return {
-        "kind": "grid",
-        "data_fingerprint": dataset.fingerprint,
-        "feature_names": list(dataset.feature_names),
-        "split_seed": settings.seed,
-        "epochs": settings.epochs,
-    }
+    return study_identity("grid", dataset, settings.seed, settings.epochs)
 
 
 def _trial_attrs(outcome: RunOutcome) -> dict[str, Any]:

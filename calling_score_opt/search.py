@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -23,13 +22,14 @@ from calling_score_opt.errors import ConfigError, CsoError, StudyError, Training
 from calling_score_opt.model import check_pair_features
 from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
 from calling_score_opt.study import (
-    CHECKPOINT_FILENAME,
     StudyLocation,
     artifact_store,
     beating,
     claim_lock,
     open_storage,
     open_study,
+    store_checkpoint,
+    study_identity,
 )
 
 if TYPE_CHECKING:
@@ -127,11 +127,7 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def _identity(settings: SearchSettings, dataset: Dataset) -> dict[str, Any]:
     return {
-        "kind": "search",
-        "data_fingerprint": dataset.fingerprint,
-        "feature_names": list(dataset.feature_names),
-        "split_seed": settings.seed,
-        "epochs": settings.epochs,
+        **study_identity("search", dataset, settings.seed, settings.epochs),
         "space": settings.space,
         "objectives": settings.objectives,
         "pair_features": settings.pair_features,
@@ -226,7 +222,6 @@ def _train_and_tell(
 ) -> TrialState:
     """Train one suggested configuration, tell the study how it ended, and return that."""
     import optuna
-    from optuna.artifacts import upload_artifact
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
@@ -268,15 +263,7 @@ def _train_and_tell(
                 "train_losses": [round(s.train_loss, 8) for s in result.history],
             }.items():
                 trial.set_user_attr(key, value)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / CHECKPOINT_FILENAME
-                path.write_bytes(checkpoint_bytes(result, feature_names))
-                upload_artifact(
-                    artifact_store=store,
-                    file_path=str(path),
-                    study_or_trial=trial,
-                    mimetype="application/octet-stream",
-                )
+            store_checkpoint(store, trial, checkpoint_bytes(result, feature_names))
             if settings.multi_objective:  # Optuna takes no per-epoch reports here: keep the curve
                 trial.set_user_attr("val_losses", [s.val_loss for s in result.history])
             values = [result.val_loss]

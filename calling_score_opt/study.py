@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage, RDBStorage
     from optuna.trial import FrozenTrial
 
+    from calling_score_opt.data import Dataset
+
 STUDIES_DIR = Path("studies")
 CHECKPOINT_FILENAME = "model.pt"
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -245,7 +247,6 @@ def finish_trial(
     The checkpoint artifact is stored before the state changes: a crash in between leaves a
     RUNNING trial (failed by the heartbeat, then retrained), never a complete one without weights.
     """
-    from optuna.artifacts import upload_artifact
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -254,16 +255,7 @@ def finish_trial(
     for step, loss in intermediate_values.items():
         storage.set_trial_intermediate_value(trial_id, step, loss)
     if checkpoint is not None and artifact_store is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / CHECKPOINT_FILENAME
-            path.write_bytes(checkpoint)
-            upload_artifact(
-                artifact_store=artifact_store,
-                file_path=str(path),
-                study_or_trial=storage.get_trial(trial_id),
-                storage=storage,
-                mimetype="application/octet-stream",
-            )
+        store_checkpoint(artifact_store, storage.get_trial(trial_id), checkpoint, storage)
     if value is None:
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
     else:
@@ -271,28 +263,36 @@ def finish_trial(
     return storage.get_trial(trial_id)
 
 
-def record_trial(
-    study: optuna.Study,
-    *,
-    params: Mapping[str, Any],
-    distributions: Mapping[str, BaseDistribution],
-    value: float | None,
-    user_attrs: Mapping[str, Any],
-    intermediate_values: Mapping[int, float],
-    artifact_store: FileSystemArtifactStore | None = None,
-    checkpoint: bytes | None = None,
-) -> FrozenTrial:
-    """Store one finished run as a trial (:func:`start_trial` then :func:`finish_trial`)."""
-    trial_id = start_trial(study, params=params, distributions=distributions, user_attrs={})
-    return finish_trial(
-        study,
-        trial_id,
-        value=value,
-        user_attrs=user_attrs,
-        intermediate_values=intermediate_values,
-        artifact_store=artifact_store,
-        checkpoint=checkpoint,
-    )
+def store_checkpoint(
+    artifact_store: FileSystemArtifactStore,
+    trial: optuna.Trial | FrozenTrial,
+    checkpoint: bytes,
+    storage: BaseStorage | None = None,
+) -> None:
+    """Attach ``checkpoint`` (the weights) to a running trial as its model.pt artifact."""
+    from optuna.artifacts import upload_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CHECKPOINT_FILENAME
+        path.write_bytes(checkpoint)
+        upload_artifact(
+            artifact_store=artifact_store,
+            file_path=str(path),
+            study_or_trial=trial,
+            storage=storage,
+            mimetype="application/octet-stream",
+        )
+
+
+def study_identity(kind: str, dataset: Dataset, split_seed: int, epochs: int) -> dict[str, Any]:
+    """What a grid or search study is bound to: a rerun that differs in these is refused."""
+    return {
+        "kind": kind,
+        "data_fingerprint": dataset.fingerprint,
+        "feature_names": list(dataset.feature_names),
+        "split_seed": split_seed,
+        "epochs": epochs,
+    }
 
 
 @contextlib.contextmanager

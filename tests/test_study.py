@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,10 +14,11 @@ from calling_score_opt.study import (
     check_study_name,
     default_artifact_dir,
     default_storage_url,
+    finish_trial,
     open_storage,
     open_study,
     read_checkpoint,
-    record_trial,
+    start_trial,
 )
 
 
@@ -60,6 +62,12 @@ def test_identity_mismatch_is_refused(tmp_path: Path) -> None:
         open_study(storage, "s", {"data_fingerprint": "sha256:b", "epochs": 5})
     with pytest.raises(StudyError, match="--study NEW_NAME"):
         open_study(storage, "s", {"data_fingerprint": "sha256:a", "epochs": 6})
+
+
+def record_trial(study: Any, *, params: Any, distributions: Any, **finish: Any) -> Any:
+    """One finished run as a trial: claimed (start_trial), then finished (finish_trial)."""
+    trial_id = start_trial(study, params=params, distributions=distributions, user_attrs={})
+    return finish_trial(study, trial_id, **finish)
 
 
 def test_recorded_trial_keeps_values_attrs_and_weights(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Training data: the app's JSON export (CONTRACTS §1) or any CSV, loaded, checked and split.
+"""Training data: the app's JSON export (docs/contract.md) or any CSV, loaded, checked, split.
 
 Everything a model sees comes through :func:`load_dataset` and :func:`split_dataset`, so the
 feature order, the label rule, the 0.5 default and the 70/15/15 split live in one place.
@@ -181,7 +181,7 @@ def _records_of(path: Path, document: object) -> list[object]:
         if records is None:
             raise DataError(
                 f"{path}: top-level object has no 'training_data' list; expected "
-                '{"training_data": [...]} or a bare list of records (CONTRACTS §1)'
+                '{"training_data": [...]} or a bare list of records (see docs/contract.md)'
             )
         if not isinstance(records, list):
             raise DataError(f"{path}: 'training_data' is {type(records).__name__}, not a list")
@@ -218,7 +218,7 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
         if not isinstance(record, dict):
             raise DataError(
                 f"{path}: record {i} is {type(record).__name__}, not an object; "
-                "each record must be a JSON object (CONTRACTS §1)"
+                "each record must be a JSON object (see docs/contract.md)"
             )
         column = 0
         for group, names in FEATURE_GROUPS:

@@ -1,4 +1,4 @@
-"""ONNX export that honours the app's contract (CONTRACTS §3), checked before the file appears.
+"""ONNX export that honours the app's contract (docs/contract.md), checked before the file appears.
 
 A file is written under a temporary name, checked (``onnx.checker``, the contract's names, types
 and shapes, onnxruntime parity against PyTorch) and only then renamed into place, so a reader
@@ -71,7 +71,7 @@ def model_metadata(
 
 
 def contract_problems(model_path: Path, n_features: int | None = None) -> list[str]:
-    """Every way the ONNX file at ``model_path`` breaks CONTRACTS §3 (empty when it obeys it).
+    """Every way the ONNX file at ``model_path`` breaks the app's ONNX contract (none: it obeys).
 
     ``n_features`` defaults to whatever the file declares (39 for the app's model).
     """

@@ -1,4 +1,4 @@
-"""The calling-score MLP (CONTRACTS §2) with its feature scaling inside, as the app runs it."""
+"""The calling-score MLP (docs/contract.md) with its feature scaling inside, as the app runs it."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class CallingScoreModel(nn.Module):
         return (x - self.feature_mean) / self.feature_std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # squeeze(-1), not flatten: [N, 1] -> [N] keeps N = 1 a list of one score (CONTRACTS §3)
+        # squeeze(-1), not flatten: [N, 1] -> [N] keeps N = 1 a list of one score (docs/contract.md)
         out: torch.Tensor = self.network(self.scale(x)).squeeze(-1)
         return out
 

@@ -1,10 +1,11 @@
 """The model version registry the app reads: versions, A/B tests, promotion and rollback.
 
 One JSON file (``assets/models/registry.json`` by default) holds, per model type, every
-registered version with the fields of CONTRACTS §4, the running A/B test and a history of
-events. Every change is read-check-modify-write under a file lock and written atomically, so
-concurrent commands never lose an update, a crash never leaves half a file, and a refused change
-leaves the file byte for byte as it was. See docs/registry.md and docs/routing.md.
+registered version with the fields of the app's version record (docs/contract.md), the running
+A/B test and a history of events. Every change is read-check-modify-write under a file lock and
+written atomically, so concurrent commands never lose an update, a crash never leaves half a
+file, and a refused change leaves the file byte for byte as it was. See docs/registry.md and
+docs/routing.md.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ MODEL_TYPES = ("calling_score", "outcome")
 DATA_SOURCES = ("synthetic", "hybrid_big_five", "real_data")
 STATUSES = ("staging", "active", "deprecated", "archived")
 EVENTS = ("register", "ab-start", "ab-set", "ab-stop", "promote", "rollback", "archive")
-DEFAULT_WEIGHT = 0.1  # CONTRACTS §4: new versions start at 0.1
+DEFAULT_WEIGHT = 0.1  # docs/contract.md: new versions start at 0.1
 N_FEATURES: dict[str, int | None] = {"calling_score": 39, "outcome": None}
 LOCK_TIMEOUT_S = 60.0
 SMOKE_ROWS = 8
@@ -68,7 +69,7 @@ def _show(value: object) -> str:
 
 @dataclass
 class ModelVersion:
-    """One registered model: the app's fields (CONTRACTS §4) plus where it came from."""
+    """One registered model: the app's fields (docs/contract.md) plus where it came from."""
 
     version: str
     model_path: str
@@ -613,8 +614,8 @@ def _results_entry(model_path: Path, variant: str | None, fingerprint: str | Non
 def inspect_model(model_path: Path, model_type: str) -> InspectedModel:
     """Check an ONNX file for registration and read what it says about itself.
 
-    It must exist, obey CONTRACTS §3 (39 raw inputs for ``calling_score``), and score a few
-    rows with onnxruntime: shapes [N] and [1], finite values in [0, 1]. Training metrics come
+    It must exist, obey the app's ONNX contract (39 raw inputs for ``calling_score``), and score
+    a few rows with onnxruntime: shapes [N] and [1], finite values in [0, 1]. Training metrics come
     from its metadata; the improvement over the baseline and the export's parity from the
     ``optimization_results.json`` beside it, when that describes the same model.
 
@@ -631,7 +632,8 @@ def inspect_model(model_path: Path, model_type: str) -> InspectedModel:
     problems = contract_problems(model_path, N_FEATURES[check_model_type(model_type)])
     if problems:
         raise RegistryError(
-            f"{model_path}: breaks the app's ONNX contract (CONTRACTS §3): {'; '.join(problems)}"
+            f"{model_path}: breaks the app's ONNX contract (docs/contract.md): "
+            f"{'; '.join(problems)}"
         )
     metadata = read_metadata(model_path)
     declared = metadata.get("model_type")

@@ -1,4 +1,4 @@
-"""What can be tried: the documented grid's values and its 15 named variants (CONTRACTS §2)."""
+"""What can be tried: the documented grid's values and its 15 named variants (docs/contract.md)."""
 
 from __future__ import annotations
 

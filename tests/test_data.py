@@ -1,4 +1,4 @@
-"""Loading, checking and splitting training data (CONTRACTS §1)."""
+"""Loading, checking and splitting training data (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ TIMING = [
     "opportunity_timing",
     "timing_alignment",
 ]
-#: CONTRACTS §1, written out independently of the package.
+#: docs/contract.md, written out independently of the package.
 DOCUMENTED_ORDER = (
     [f"user_vibe_dimensions.{n}" for n in VIBE]
     + [f"spot_vibe_dimensions.{n}" for n in VIBE]

@@ -1,4 +1,4 @@
-"""The ONNX file the app loads (CONTRACTS §3): names, types, shapes, one file, scaling inside."""
+"""The ONNX file the app loads (docs/contract.md): names, types, shapes, one file, scaling in."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The calling-score MLP (CONTRACTS §2): layers, parameter count, output shape, scaling."""
+"""The calling-score MLP (docs/contract.md): layers, parameter count, output shape, scaling."""
 
 from __future__ import annotations
 

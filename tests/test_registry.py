@@ -399,7 +399,7 @@ REFUSALS: list[tuple[list[str], str]] = [
     ([*NEW_V2, "--model", "missing.onnx"], "missing.onnx: no such model file"),
     (
         [*NEW_V2, "--model", "broken.onnx"],
-        "breaks the app's ONNX contract (CONTRACTS §3): output must be [N]",
+        "breaks the app's ONNX contract (docs/contract.md): output must be [N]",
     ),
     (
         [*NEW_V2, "--variant", BASELINE, "--model-type", "outcome"],

@@ -1,4 +1,4 @@
-"""The documented grid (CONTRACTS §2): 15 named variants, in order, one factor at a time."""
+"""The documented grid (docs/contract.md): 15 named variants, in order, one factor at a time."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from calling_score_opt.space import (
 )
 from calling_score_opt.train import TrainConfig
 
-#: CONTRACTS §2, row by row: (name, learning rate, batch, hidden sizes, dropout).
+#: docs/contract.md, row by row: (name, learning rate, batch, hidden sizes, dropout).
 DOCUMENTED = [
     ("v1_0_baseline", 0.001, 32, (128, 64), 0.2),
     ("v1_1_lr_0.0001", 0.0001, 32, (128, 64), 0.2),

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from calling_score_opt.errors import ConfigError
+from calling_score_opt.study import BASELINE_VARIANT
 from calling_score_opt.train import TrainConfig
 
 if TYPE_CHECKING:
     import optuna
     from optuna.distributions import BaseDistribution
 
-BASELINE_NAME = "v1_0_baseline"
+BASELINE_NAME = BASELINE_VARIANT
 
 #: The documented values of each hyperparameter (hidden sizes as "128,64" strings, so they can
 #: be Optuna categorical choices and read back from the ``optuna`` CLI).

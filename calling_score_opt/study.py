@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,51 @@ STUDIES_DIR = Path("studies")
 CHECKPOINT_FILENAME = "model.pt"
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SQLITE_PREFIX = "sqlite:///"
+
+
+#: The documented baseline's variant name (space.py re-exports it; here it costs no torch import).
+BASELINE_VARIANT = "v1_0_baseline"
+#: User attribute that marks a study's baseline trial, whatever its number (grid and search).
+BASELINE_ATTR = "baseline"
+LEARNING_CURVE_FILENAME = "learning_curve.json"
+ENSEMBLE_STEM = "ensemble"  # study artifacts ensemble-<time>.json: the ensembles built from it
+
+
+# --- Optuna internals ---------------------------------------------------------------------
+# cso claims runs with one insert, beats hearts and stores results for trials it did not get
+# from ``study.ask()``, and takes a PostgreSQL advisory lock on the storage's own engine. Optuna
+# keeps the pieces for that private (a study's storage, a trial's storage id, the engine behind
+# the cache). Every such use goes through these three functions: an upgrade has one place to look.
+
+
+def storage_of(study: optuna.Study) -> BaseStorage:
+    """The storage behind ``study`` (``Study._storage``; public on ``Trial`` as ``storage``)."""
+    return study._storage
+
+
+def trial_id_of(trial: optuna.Trial) -> int:
+    """The storage id of a live trial (``Trial._trial_id``), which storage calls take."""
+    return trial._trial_id
+
+
+def engine_of(storage: BaseStorage) -> Any:
+    """The SQLAlchemy engine of an RDB storage (studies wrap it in a cache: ``_backend``)."""
+    backend: Any = getattr(storage, "_backend", storage)
+    return backend.engine
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>://[^/@:]*:)[^/]*@")  # to the last @: raw @ in passwords
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#]*", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password shown as ``***``: the only form a storage URL leaves cso in.
+
+    A password in the URL (``user:secret@host``) or in its query (``?password=secret``) never
+    reaches a line cso prints or a file it writes.
+    """
+    redacted = _URL_PASSWORD.sub(r"\g<head>***@", url)
+    return _QUERY_PASSWORD.sub(r"\g<head>***", redacted)
 
 
 def check_study_name(name: str) -> str:
@@ -217,7 +263,7 @@ def start_trial(
     import optuna
     from optuna.trial import TrialState
 
-    storage = study._storage  # public on Trial, private on Study; one storage per study
+    storage = storage_of(study)
     template = optuna.trial.create_trial(
         state=TrialState.RUNNING,
         params=dict(params),
@@ -249,7 +295,7 @@ def finish_trial(
     """
     from optuna.trial import TrialState
 
-    storage = study._storage
+    storage = storage_of(study)
     for key, attr in user_attrs.items():
         storage.set_trial_user_attr(trial_id, key, attr)
     for step, loss in intermediate_values.items():
@@ -263,6 +309,28 @@ def finish_trial(
     return storage.get_trial(trial_id)
 
 
+def _upload(
+    artifact_store: FileSystemArtifactStore,
+    trial: optuna.Study | optuna.Trial | FrozenTrial,
+    filename: str,
+    content: bytes,
+    mimetype: str,
+    storage: BaseStorage | None,
+) -> None:
+    from optuna.artifacts import upload_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(content)
+        upload_artifact(
+            artifact_store=artifact_store,
+            file_path=str(path),
+            study_or_trial=trial,
+            storage=storage,
+            mimetype=mimetype,
+        )
+
+
 def store_checkpoint(
     artifact_store: FileSystemArtifactStore,
     trial: optuna.Trial | FrozenTrial,
@@ -270,18 +338,29 @@ def store_checkpoint(
     storage: BaseStorage | None = None,
 ) -> None:
     """Attach ``checkpoint`` (the weights) to a running trial as its model.pt artifact."""
-    from optuna.artifacts import upload_artifact
+    _upload(
+        artifact_store, trial, CHECKPOINT_FILENAME, checkpoint, "application/octet-stream", storage
+    )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHECKPOINT_FILENAME
-        path.write_bytes(checkpoint)
-        upload_artifact(
-            artifact_store=artifact_store,
-            file_path=str(path),
-            study_or_trial=trial,
-            storage=storage,
-            mimetype="application/octet-stream",
-        )
+
+def store_learning_curve(
+    artifact_store: FileSystemArtifactStore,
+    trial: optuna.Trial | FrozenTrial,
+    history: Sequence[tuple[int, float, float]],
+    storage: BaseStorage | None = None,
+) -> None:
+    """Attach a run's ``(epoch, train_loss, val_loss)`` history as learning_curve.json.
+
+    One artifact per run, not one attribute per epoch: Optuna writes each intermediate value on
+    its own (about 1 ms each), and long lists in user attributes flood ``optuna trials``.
+    """
+    document = {
+        "epoch": [int(h[0]) for h in history],
+        "train_loss": [float(h[1]) for h in history],
+        "val_loss": [float(h[2]) for h in history],
+    }
+    content = json.dumps(document, separators=(",", ":")).encode()
+    _upload(artifact_store, trial, LEARNING_CURVE_FILENAME, content, "application/json", storage)
 
 
 def study_identity(kind: str, dataset: Dataset, split_seed: int, epochs: int) -> dict[str, Any]:
@@ -345,9 +424,7 @@ class _AdvisoryLock:
     def __init__(self, storage: BaseStorage, study_name: str) -> None:
         digest = hashlib.sha256(f"cso:{study_name}".encode()).digest()
         self._key = int.from_bytes(digest[:8], "big", signed=True)
-        # Studies wrap their RDBStorage in a cache; the engine lives on the storage inside it.
-        backend: Any = getattr(storage, "_backend", storage)
-        self._engine = backend.engine
+        self._engine = engine_of(storage)
         self._connection: Any = None
 
     def __enter__(self) -> _AdvisoryLock:
@@ -380,6 +457,37 @@ def artifact_store(directory: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(directory))
 
 
+def _read_artifact(
+    store: FileSystemArtifactStore,
+    storage: BaseStorage,
+    owner: optuna.Study | FrozenTrial,
+    filename: str,
+) -> bytes | None:
+    """The newest artifact called ``filename`` of a trial or study; None when it has none.
+
+    Raises:
+        StudyError: the owner lists the artifact but its file is gone from the folder.
+    """
+    from optuna.artifacts import download_artifact, get_all_artifact_meta
+
+    metas = [m for m in get_all_artifact_meta(owner, storage=storage) if m.filename == filename]
+    if not metas:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        try:
+            download_artifact(
+                artifact_store=store, file_path=str(path), artifact_id=metas[-1].artifact_id
+            )
+        except Exception as exc:  # the store raises its own not-found type, or OSError
+            whose = f"trial {owner.number}" if hasattr(owner, "number") else "the study"
+            raise StudyError(
+                f"{whose}: its {filename} ({metas[-1].artifact_id}) is missing from "
+                "the artifact folder; pass the right --artifacts folder or retrain"
+            ) from exc
+        return path.read_bytes()
+
+
 def read_checkpoint(
     store: FileSystemArtifactStore, storage: BaseStorage, trial: FrozenTrial
 ) -> bytes:
@@ -388,24 +496,82 @@ def read_checkpoint(
     Raises:
         StudyError: the trial has no stored weights, or their file is gone.
     """
-    from optuna.artifacts import download_artifact, get_all_artifact_meta
-
-    metas = [
-        m
-        for m in get_all_artifact_meta(trial, storage=storage)
-        if m.filename == CHECKPOINT_FILENAME
-    ]
-    if not metas:
+    checkpoint = _read_artifact(store, storage, trial, CHECKPOINT_FILENAME)
+    if checkpoint is None:
         raise StudyError(f"trial {trial.number} has no stored weights; it must be retrained")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / CHECKPOINT_FILENAME
-        try:
-            download_artifact(
-                artifact_store=store, file_path=str(path), artifact_id=metas[-1].artifact_id
-            )
-        except Exception as exc:  # the store raises its own not-found type, or OSError
-            raise StudyError(
-                f"trial {trial.number}: its weights ({metas[-1].artifact_id}) are missing from "
-                "the artifact folder; pass the right --artifacts folder or retrain"
-            ) from exc
-        return path.read_bytes()
+    return checkpoint
+
+
+def read_learning_curve(
+    store: FileSystemArtifactStore, storage: BaseStorage, trial: FrozenTrial
+) -> dict[str, list[float]] | None:
+    """The learning_curve.json stored with ``trial`` (keys epoch, train_loss, val_loss), if any."""
+    try:
+        content = _read_artifact(store, storage, trial, LEARNING_CURVE_FILENAME)
+    except StudyError:
+        return None  # a lost curve is not worth failing a report over
+    if content is None:
+        return None
+    try:
+        document = json.loads(content)
+    except ValueError:
+        return None
+    if not isinstance(document, dict) or not all(
+        isinstance(document.get(k), list) for k in ("epoch", "train_loss", "val_loss")
+    ):
+        return None
+    return {k: document[k] for k in ("epoch", "train_loss", "val_loss")}
+
+
+def store_study_json(
+    artifact_store: FileSystemArtifactStore,
+    study: optuna.Study,
+    stem: str,
+    document: Mapping[str, Any],
+) -> None:
+    """Attach ``document`` to the study as ``<stem>-<UTC time>.json``: the newest one wins.
+
+    Optuna keeps no order among a study's artifacts, so the name carries it.
+    """
+    from datetime import UTC, datetime
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    content = json.dumps(document, indent=1).encode()
+    _upload(
+        artifact_store,
+        study,
+        f"{stem}-{stamp}.json",
+        content,
+        "application/json",
+        storage_of(study),
+    )
+
+
+def read_study_json(
+    store: FileSystemArtifactStore, study: optuna.Study, stem: str
+) -> dict[str, Any] | None:
+    """The newest JSON artifact stored by :func:`store_study_json` under ``stem``; or None.
+
+    Raises:
+        StudyError: it is listed but its file is gone or is not a JSON object.
+    """
+    from optuna.artifacts import get_all_artifact_meta
+
+    names = [
+        m.filename
+        for m in get_all_artifact_meta(study, storage=storage_of(study))
+        if m.filename.startswith(f"{stem}-") and m.filename.endswith(".json")
+    ]
+    if not names:
+        return None
+    newest = max(names)
+    content = _read_artifact(store, storage_of(study), study, newest)
+    if content is None:  # pragma: no cover - listed a moment ago
+        return None
+    try:
+        document = json.loads(content)
+    except ValueError as exc:
+        raise StudyError(f"the study's {newest} is damaged ({exc}); build it again") from exc
+    if not isinstance(document, dict):
+        raise StudyError(f"the study's {newest} is not a JSON object; build it again")
+    return document

@@ -16,14 +16,20 @@ from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.data import load_dataset, split_dataset
 from calling_score_opt.errors import StudyError
 from calling_score_opt.study import (
+    BASELINE_ATTR,
+    BASELINE_VARIANT,
     artifact_store,
     default_artifact_dir,
     open_storage,
     read_checkpoint,
+    read_learning_curve,
+    storage_of,
 )
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
 RESULTS_FILENAME = "optimization_results.json"
@@ -49,6 +55,75 @@ def load_study(storage_url: str, study_name: str) -> optuna.Study:
             "pass --study and --storage of an existing study, or run cso grid / cso search"
         )
     return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def is_baseline(trial: FrozenTrial) -> bool:
+    """Whether ``trial`` is a run of the documented baseline (marked so, or a grid's v1_0 run)."""
+    attrs = trial.user_attrs
+    return attrs.get(BASELINE_ATTR) is True or attrs.get("variant") == BASELINE_VARIANT
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The baseline every command compares against, found the same way everywhere.
+
+    It is the complete trial marked as the baseline (a user attribute, so a baseline retried
+    under a new number after a crash is still found); with several (a grid's ``--repeats``) the
+    one with the lowest validation loss, which is the one the grid exports. Studies written
+    before the mark existed named their baseline's number in a study attribute.
+    """
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    marked = [t for t in complete if is_baseline(t)]
+    legacy = study.user_attrs.get("baseline_trial")
+    if not marked and isinstance(legacy, int):
+        marked = [t for t in complete if t.number == legacy]
+    return min(marked, key=lambda t: t.values[0]) if marked else None
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """Losses per epoch of one run; ``train_loss`` is empty where only validation was kept."""
+
+    epoch: tuple[int, ...]
+    val_loss: tuple[float, ...]
+    train_loss: tuple[float, ...] = ()
+
+
+def learning_curve(
+    trial: FrozenTrial, storage: BaseStorage, store: FileSystemArtifactStore | None
+) -> LearningCurve | None:
+    """A run's learning curve: its learning_curve.json artifact, else what older studies kept
+    (``val_losses`` / ``train_losses`` list attributes), else its reported intermediate values.
+    None when the trial holds no curve at all."""
+    document = read_learning_curve(store, storage, trial) if store is not None else None
+    if document is not None:
+        return LearningCurve(
+            epoch=tuple(int(e) for e in document["epoch"]),
+            val_loss=tuple(float(v) for v in document["val_loss"]),
+            train_loss=tuple(float(v) for v in document["train_loss"]),
+        )
+    listed = trial.user_attrs.get("val_losses")
+    if isinstance(listed, list) and listed:
+        train = trial.user_attrs.get("train_losses")
+        return LearningCurve(
+            epoch=tuple(range(1, len(listed) + 1)),
+            val_loss=tuple(float(v) for v in listed),
+            train_loss=tuple(float(v) for v in train) if isinstance(train, list) else (),
+        )
+    if trial.intermediate_values:
+        points = sorted(trial.intermediate_values.items())
+        train = trial.user_attrs.get("train_losses")
+        return LearningCurve(
+            epoch=tuple(int(e) for e, _ in points),
+            val_loss=tuple(float(v) for _, v in points),
+            train_loss=(
+                tuple(float(v) for v in train)
+                if isinstance(train, list) and len(train) == len(points)
+                else ()
+            ),
+        )
+    return None
 
 
 def trial_name(trial: FrozenTrial) -> str:
@@ -178,7 +253,7 @@ def export_trials(
     split = split_dataset(dataset, int(attrs.get("split_seed", 0)))
     store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
     store = artifact_store(store_dir)
-    storage = study._storage
+    storage = storage_of(study)
     entries: list[dict[str, Any]] = []
     names = [trial_name(t) for t in trials]
     for trial in trials:

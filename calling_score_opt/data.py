@@ -66,6 +66,19 @@ N_FEATURES = len(FEATURE_NAMES)
 MISSING_FEATURE_VALUE = 0.5
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MIN_RECORDS = 20  # below this a 70/15/15 split leaves fewer than 3 records to validate or test on
+#: Labels whose standard deviation is below this are refused: they teach a model nothing. A label
+#: spread of 1e-4 is a variance of 1e-8, below every loss cso prints (5 decimals) and below the
+#: jitter of Adam steps at the documented learning rates (1e-4 and up); and it is still 1,000 times
+#: above float32 rounding (under 6e-8 for a label in [0, 1]), so rounding is never taken for spread.
+MIN_LABEL_STD = 1e-4
+#: The most a feature value may lie from its column's median. The network scales in float32,
+#: ``(x - mean) / std`` with the training split's statistics; within this limit a column spans at
+#: most 2e18, so whichever records the split trains on, ``x - mean`` stays within 2e18, the std
+#: within 1e18 and even their squares (4e36) below float32's maximum (3.4e38), and the first
+#: layer's sums of scaled inputs (at most 2e24 each: the std is never below 1e-6) stay finite.
+MAX_FEATURE_SPREAD = 1e18
+#: The largest variance a label in [0, 1] can have (half the labels 0, half 1).
+MAX_LABEL_VARIANCE = 0.25
 
 Array = npt.NDArray[np.float32]
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -95,9 +108,14 @@ class Dataset:
 
     @property
     def irreducible_mse(self) -> float | None:
-        """The noise floor a synthetic file records (best test MSE any model can reach)."""
-        value = self.metadata.get("irreducible_mse")
-        return float(value) if isinstance(value, int | float) else None
+        """The noise floor a synthetic file records (best test MSE any model can reach).
+
+        Checked again here, not only at load, so that no caller ever divides by a bad value.
+
+        Raises:
+            DataError: the recorded value is not a number in (0, 0.25].
+        """
+        return _irreducible_mse(self.path, self.metadata)
 
 
 @dataclass(frozen=True)
@@ -147,19 +165,64 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot be read ({exc.strerror}); check its permissions") from exc
 
 
+def _show(value: object) -> str:
+    """A JSON value as an error message shows it: short, so one line stays readable."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _oneline(name: str) -> str:
+    """A column name or --target as a message shows it: control characters escaped."""
+    return name if name.isprintable() else repr(name)[1:-1]
+
+
+def _as_float(value: object) -> float | None:
+    """A JSON number as a float (inf when too large for one); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer with hundreds of digits
+        return math.inf
+
+
 def _number(path: Path, index: int, name: str, value: object) -> float:
     """A finite float from a JSON value, or a DataError naming the record and field."""
-    where = f"{path}: record {index}, field '{name}'"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise DataError(f"{where}: {value!r} is not a number; fix or remove the record")
-    try:
-        number = float(value)
-    except OverflowError:  # a JSON integer with hundreds of digits
-        number = math.inf
+    where = f"{path}: record {index}, field '{_oneline(name)}'"
+    number = _as_float(value)
+    if number is None:
+        raise DataError(f"{where}: {_show(value)} is not a number; fix or remove the record")
     if not math.isfinite(number):
-        raise DataError(f"{where}: {value!r} is not a finite number; fix or remove the record")
+        raise DataError(f"{where}: {_show(value)} is not a finite number; fix or remove the record")
     if abs(number) > _FLOAT32_MAX:  # the model computes in float32: this would become inf
-        raise DataError(f"{where}: {value!r} is too large for the model; fix or remove the record")
+        raise DataError(
+            f"{where}: {_show(value)} is too large for the model; fix or remove the record"
+        )
+    return number
+
+
+def _irreducible_mse(path: Path, metadata: Mapping[str, Any]) -> float | None:
+    """``metadata.irreducible_mse`` as a float (None when absent or null), else a DataError.
+
+    It is a variance of labels in [0, 1]: anything not in (0, 0.25] is a mistake, and would
+    later divide by zero or print a nonsense improvement after a whole grid has trained.
+    """
+    value = metadata.get("irreducible_mse")
+    if value is None:
+        return None
+    number = _as_float(value)
+    if number is None or not (math.isfinite(number) and 0.0 < number <= MAX_LABEL_VARIANCE):
+        raise DataError(
+            f"{path}: metadata.irreducible_mse is {_show(value)}, but it must be a positive "
+            f"number no larger than {MAX_LABEL_VARIANCE:g} (the largest variance a label in "
+            "[0, 1] can have): fix it or remove it"
+        )
     return number
 
 
@@ -167,8 +230,8 @@ def _label(path: Path, index: int, name: str, value: object) -> float:
     number = _number(path, index, name, value)
     if not 0.0 <= number <= 1.0:
         raise DataError(
-            f"{path}: record {index}, field '{name}': label {number:g} is outside [0, 1]; "
-            "the model predicts a score in [0, 1]"
+            f"{path}: record {index}, field '{_oneline(name)}': label {number:g} is outside "
+            "[0, 1]; the model predicts a score in [0, 1]"
         )
     return number
 
@@ -204,10 +267,17 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
         raise DataError(f"{path}: not UTF-8 text, so not JSON; is this the app's export?") from exc
     except ValueError as exc:  # e.g. an integer too long to convert
         raise DataError(f"{path}: cannot be parsed as JSON ({exc}); fix the file") from exc
+    except RecursionError as exc:  # the parser recurses once per level of [ or {
+        raise DataError(
+            f"{path}: JSON nested too deeply to read (the app's export is 4 levels deep); "
+            "is this the app's export?"
+        ) from exc
     records = _records_of(path, document)
     if not records:
         raise DataError(f"{path}: contains no records; there is nothing to train on")
     metadata = document.get("metadata") if isinstance(document, dict) else None
+    metadata = metadata if isinstance(metadata, dict) else {}
+    _irreducible_mse(path, metadata)  # refused now, not after a whole grid has trained
 
     n = len(records)
     features = np.full((n, N_FEATURES), MISSING_FEATURE_VALUE, dtype=np.float32)
@@ -253,7 +323,7 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
         labels=labels,
         feature_names=FEATURE_NAMES,
         fingerprint=_fingerprint(raw),
-        metadata=metadata if isinstance(metadata, dict) else {},
+        metadata=metadata,
         defaulted=defaulted,
         label_sources=label_sources,
     )
@@ -266,21 +336,51 @@ def _csv_float(text: str) -> float | None:
         return None
 
 
+def _refuse_duplicate_columns(path: Path, header: list[str]) -> None:
+    """A DataError for the first name in ``header`` that names more than one column.
+
+    With two columns of one name, the one read would be a matter of chance, and a second copy
+    of the target would be trained on as a feature: the label leaking into the inputs.
+    """
+    columns: dict[str, list[int]] = {}
+    for number, name in enumerate(header, start=1):
+        columns.setdefault(name, []).append(number)
+    for name, numbers in columns.items():
+        if len(numbers) > 1:
+            listed = ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+            if not name:
+                raise DataError(
+                    f"{path}: columns {listed} have no name in the header; name them or remove them"
+                )
+            raise DataError(
+                f"{path}: column '{_oneline(name)}' appears more than once in the header (columns "
+                f"{listed}); rename or remove the copies so that every column has its own name"
+            )
+
+
 def _load_csv(path: Path, raw: bytes, target: str) -> Dataset:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text; save the CSV as UTF-8") from exc
-    rows = list(csv.reader(text.splitlines()))
+    reader = csv.reader(text.splitlines())
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # e.g. a cell over the csv module's 128 KiB limit
+        raise DataError(
+            f"{path}: line {reader.line_num}: cannot be read as CSV ({exc}); fix the file"
+        ) from exc
     if not rows or not any(cell.strip() for cell in rows[0]):
         raise DataError(f"{path}: empty CSV; expected a header row and one row per record")
     header = [cell.strip() for cell in rows[0]]
+    _refuse_duplicate_columns(path, header)
     body = [row for row in rows[1:] if any(cell.strip() for cell in row)]
     if not body:
         raise DataError(f"{path}: has a header but no rows; there is nothing to train on")
     if target not in header:
         raise DataError(
-            f"{path}: no column '{target}' for --target; columns are: {', '.join(header)}"
+            f"{path}: no column '{_oneline(target)}' for --target; columns are: "
+            f"{', '.join(map(_oneline, header))}"
         )
     for i, row in enumerate(body):
         if len(row) != len(header):
@@ -295,7 +395,9 @@ def _load_csv(path: Path, raw: bytes, target: str) -> Dataset:
     feature_cols = [c for c in range(len(header)) if numeric[c] and c != target_col]
     ignored = tuple(header[c] for c in range(len(header)) if not numeric[c] and c != target_col)
     if not feature_cols:
-        raise DataError(f"{path}: no numeric column besides '{target}'; nothing to learn from")
+        raise DataError(
+            f"{path}: no numeric column besides '{_oneline(target)}'; nothing to learn from"
+        )
     n = len(body)
     features = np.empty((n, len(feature_cols)), dtype=np.float32)
     labels = np.empty(n, dtype=np.float32)
@@ -305,8 +407,8 @@ def _load_csv(path: Path, raw: bytes, target: str) -> Dataset:
         value = _csv_float(row[target_col])
         if value is None:
             raise DataError(
-                f"{path}: record {i}, field '{target}': {row[target_col]!r} is not a number; "
-                "fix or remove the record"
+                f"{path}: record {i}, field '{_oneline(target)}': {_show(row[target_col])} is "
+                "not a number; fix or remove the record"
             )
         labels[i] = _label(path, i, target, value)
     return Dataset(
@@ -318,6 +420,32 @@ def _load_csv(path: Path, raw: bytes, target: str) -> Dataset:
         defaulted=np.zeros(len(feature_cols), dtype=np.int64),
         label_sources={target: n},
         ignored_columns=ignored,
+    )
+
+
+def _refuse_unscalable(dataset: Dataset) -> None:
+    """A DataError naming the first record and field lying over ``MAX_FEATURE_SPREAD`` from its
+    column's median (computed in float64), the values that float32 scaling cannot hold.
+
+    The median, not the mean: one wild value would drag the mean away from every ordinary
+    record and get them all named instead of itself.
+    """
+    first: tuple[int, int, float] | None = None  # (record, column, median)
+    for column in range(dataset.n_features):
+        values = dataset.features[:, column].astype(np.float64)
+        median = float(np.median(values))
+        far = np.flatnonzero(np.abs(values - median) > MAX_FEATURE_SPREAD)
+        if far.size and (first is None or far[0] < first[0]):
+            first = (int(far[0]), column, median)
+    if first is None:
+        return
+    record, column, median = first
+    value = float(dataset.features[record, column])
+    raise DataError(
+        f"{dataset.path}: record {record}, field '{dataset.feature_names[column]}': {value:g} "
+        f"lies {abs(value - median):.3g} from the median of its column ({median:g}); the model "
+        f"scales every feature in float32 and needs each value within {MAX_FEATURE_SPREAD:g} "
+        "of its column's median: fix or remove the record"
     )
 
 
@@ -337,6 +465,7 @@ def load_dataset(path: Path, target: str | None = None) -> Dataset:
             "(else formula_calling_score) as the label"
         )
     dataset = _load_csv(path, raw, target) if target is not None else _load_json(path, raw)
+    _refuse_unscalable(dataset)
     if dataset.n_records < MIN_RECORDS:
         raise DataError(
             f"{path}: {dataset.n_records} records; a 70/15/15 split needs at least "
@@ -385,16 +514,25 @@ def check_dataset(dataset: Dataset) -> DataReport:
     constant = tuple(n for n, lo, hi in zip(names, x.min(0), x.max(0), strict=True) if lo == hi)
     outside = ((x < 0.0) | (x > 1.0)).sum(axis=0)
     defaulted = dataset.defaulted if dataset.defaulted is not None else np.zeros(len(names))
+    # float64: in float32 the mean of 100 labels of 0.42 rounds, and their std is 3e-8, not 0
+    label_std = float(y.std(dtype=np.float64))
     problems = []
-    if float(y.std()) == 0.0:
-        problems.append(f"every label is {float(y[0]):g}: there is nothing to learn")
+    if label_std < MIN_LABEL_STD:
+        low, high = float(y.min()), float(y.max())
+        if low == high:
+            problems.append(f"every label is {low:g}: there is nothing to learn")
+        else:
+            problems.append(
+                f"the labels hardly vary (from {low:g} to {high:g}, standard deviation "
+                f"{label_std:.2g}; at least {MIN_LABEL_STD:g} is needed): there is nothing to learn"
+            )
     if len(constant) == len(names):
         problems.append("every feature is constant: the model cannot tell records apart")
     quantiles = np.quantile(y, [0.0, 0.25, 0.5, 0.75, 1.0])
     return DataReport(
         dataset=dataset,
-        label_mean=float(y.mean()),
-        label_std=float(y.std()),
+        label_mean=float(y.mean(dtype=np.float64)),
+        label_std=label_std,
         label_quantiles=dict(
             zip(("min", "q25", "median", "q75", "max"), map(float, quantiles), strict=True)
         ),

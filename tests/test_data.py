@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import make_record, make_records, write_json
+from helpers import assert_clean_failure, make_record, make_records, write_json
+from typer.testing import Result
 
 from calling_score_opt.data import (
     FEATURE_NAMES,
+    MAX_FEATURE_SPREAD,
+    MIN_LABEL_STD,
     MIN_RECORDS,
     N_FEATURES,
     Dataset,
@@ -23,7 +27,10 @@ from calling_score_opt.data import (
     split_dataset,
 )
 from calling_score_opt.errors import CsoError, DataError
+from calling_score_opt.stacked import train_one
 from calling_score_opt.train import TrainConfig, train_model
+
+RunCli = Callable[..., Result]
 
 VIBE = [
     "exploration_eagerness",
@@ -614,3 +621,278 @@ def test_training_scales_with_train_split_statistics_only(tmp_path: Path) -> Non
     train_std = crafted_split.x_train.std(axis=0)
     train_std[train_std < 1e-6] = 1.0  # constant columns pass through unscaled
     np.testing.assert_allclose(result.model.feature_std.numpy(), train_std, rtol=1e-5)
+
+
+# --- labels that do not vary ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("label", [0.42, 0.7, 0.1, 1 / 3])
+@pytest.mark.parametrize("n", [100, 1000])
+def test_identical_labels_are_refused_whatever_float32_makes_of_them(
+    tmp_path: Path, label: float, n: int
+) -> None:
+    # float32 rounding made the float32 standard deviation of 100 x 0.42 about 3e-8, not 0
+    records = [
+        make_record(i, value=lambda i, c: (i * 7 + c) % 11 / 10, label=label) for i in range(n)
+    ]
+    dataset = load_dataset(write_json(tmp_path / "same.json", records))
+    report = check_dataset(dataset)
+    assert report.label_std == 0.0
+    assert report.problems == (f"every label is {label:g}: there is nothing to learn",)
+    with pytest.raises(DataError, match=r"same\.json: cannot be trained on: every label is"):
+        require_trainable(dataset)
+
+
+def test_labels_that_hardly_vary_are_refused_with_their_spread(tmp_path: Path) -> None:
+    records = [make_record(i, label=0.5 + (1e-5 if i % 2 else -1e-5)) for i in range(40)]
+    report = check_dataset(load_dataset(write_json(tmp_path / "flat.json", records)))
+    assert len(report.problems) == 2  # the features are constant too
+    problem = report.problems[0]
+    assert problem.startswith("the labels hardly vary (from 0.49999 to 0.50001, ")
+    assert "standard deviation 1e-05" in problem
+    assert f"at least {MIN_LABEL_STD:g} is needed" in problem
+    assert problem.endswith("there is nothing to learn")
+
+
+def test_labels_that_vary_enough_are_accepted(tmp_path: Path) -> None:
+    records = make_records(40)
+    for i, record in enumerate(records):
+        record["outcome_score"] = 0.5 + (2e-4 if i % 2 else -2e-4)
+    report = check_dataset(load_dataset(write_json(tmp_path / "d.json", records)))
+    assert report.label_std == pytest.approx(2e-4, rel=1e-3)
+    assert report.problems == ()
+
+
+def test_data_check_refuses_a_file_whose_labels_are_all_0_42(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    records = make_records(100)
+    for record in records:
+        record["outcome_score"] = 0.42
+    path = write_json(tmp_path / "same.json", records)
+    result = run_cli("data", "check", path)
+    assert_clean_failure(result, "same.json: cannot be trained on", "every label is 0.42")
+    assert "OK" not in result.stdout
+
+
+# --- CSV columns named twice ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "fragments"),
+    [
+        ("user,a,score,b,score", ("column 'score' appears more than once", "columns 3 and 5")),
+        ("a,b,a,score,a", ("column 'a' appears more than once", "columns 1, 3 and 5")),
+        ("a,,score,", ("columns 2 and 4 have no name",)),
+        ("a, score,score ", ("column 'score' appears more than once", "columns 2 and 3")),
+    ],
+    ids=["target-twice", "feature-three-times", "unnamed-twice", "same-after-spaces"],
+)
+def test_csv_with_a_column_named_twice_is_refused(
+    tmp_path: Path, header: str, fragments: tuple[str, ...]
+) -> None:
+    width = header.count(",") + 1
+    rows = [",".join(f"{(i + c) % 10 / 10}" for c in range(width)) for i in range(25)]
+    path = _csv(tmp_path, header, rows, name="twice.csv")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path, target="score")
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: ")
+    for fragment in fragments:
+        assert fragment in message
+    assert "rename or remove" in message or "name them or remove them" in message
+    assert "\n" not in message
+
+
+def test_data_check_refuses_a_csv_with_the_target_twice(run_cli: RunCli, tmp_path: Path) -> None:
+    rows = [f"{i / 100},{i % 10 / 10},{i % 10 / 10}" for i in range(25)]
+    path = _csv(tmp_path, "a,score,score", rows, name="leak.csv")
+    result = run_cli("data", "check", path, "--target", "score")
+    assert_clean_failure(result, "leak.csv", "column 'score' appears more than once")
+    assert result.stdout == ""
+
+
+# --- metadata.irreducible_mse --------------------------------------------------------------
+
+
+def _with_floor(tmp_path: Path, floor_text: str) -> Path:
+    path = tmp_path / "floor.json"
+    records = json.dumps(make_records(25))
+    path.write_text(
+        f'{{"metadata": {{"irreducible_mse": {floor_text}}}, "training_data": {records}}}',
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "floor_text",
+    ["0", "0.0", "-1", "NaN", "Infinity", "1e400", "0.3", "1", "true", '"0.004"', "[0.004]"],
+)
+def test_a_bad_irreducible_mse_is_refused_at_load(tmp_path: Path, floor_text: str) -> None:
+    path = _with_floor(tmp_path, floor_text)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: metadata.irreducible_mse is ")
+    assert "a positive number no larger than 0.25" in message
+    assert "the largest variance a label in [0, 1] can have" in message
+    assert message.endswith("fix it or remove it")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("floor_text", "expected"), [("0.25", 0.25), ("1e-09", 1e-9), ("0.004", 0.004), ("null", None)]
+)
+def test_a_good_irreducible_mse_is_kept(
+    tmp_path: Path, floor_text: str, expected: float | None
+) -> None:
+    assert load_dataset(_with_floor(tmp_path, floor_text)).irreducible_mse == expected
+
+
+def test_a_hand_made_dataset_never_hands_out_a_bad_floor(tiny_dataset: Dataset) -> None:
+    from dataclasses import replace
+
+    broken = replace(tiny_dataset, metadata={"irreducible_mse": float("nan")})
+    with pytest.raises(DataError, match=r"metadata\.irreducible_mse is nan"):
+        _ = broken.irreducible_mse
+
+
+def test_data_check_refuses_a_zero_irreducible_mse(run_cli: RunCli, tmp_path: Path) -> None:
+    result = run_cli("data", "check", _with_floor(tmp_path, "0"))
+    assert_clean_failure(result, "floor.json: metadata.irreducible_mse is 0", "fix it or remove it")
+
+
+# --- values too far apart to scale in float32 ----------------------------------------------
+
+
+def test_values_near_the_float32_maximum_are_refused_naming_the_first(tmp_path: Path) -> None:
+    # Both are below float32's maximum, but their difference is not: scaling overflowed and
+    # every training run failed with "try a lower learning rate".
+    records = make_records(60)
+    records[7]["context_features"]["energy_match"] = 3e38
+    records[12]["context_features"]["energy_match"] = -3e38
+    records[30]["user_vibe_dimensions"]["crowd_tolerance"] = 3e38
+    path = write_json(tmp_path / "huge.json", records)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: record 7, field 'context_features.energy_match': 3e+38 ")
+    assert "1e+18" in message
+    assert "median" in message
+    assert message.endswith("fix or remove the record")
+
+
+def test_the_spread_limit_is_exact(tmp_path: Path) -> None:
+    at_limit = float(np.float32(MAX_FEATURE_SPREAD))  # the largest float32 not above it
+    beyond = float(np.nextafter(np.float32(at_limit), np.float32(np.inf)))
+    assert at_limit <= MAX_FEATURE_SPREAD < beyond
+    records = make_records(25, value=lambda i, c: 0.0)
+    records[4]["timing_features"]["user_patterns"] = at_limit
+    assert load_dataset(write_json(tmp_path / "at.json", records)).n_records == 25
+    records[4]["timing_features"]["user_patterns"] = beyond
+    with pytest.raises(DataError, match=r"record 4, field 'timing_features\.user_patterns'"):
+        load_dataset(write_json(tmp_path / "beyond.json", records))
+
+
+def test_large_values_close_together_are_accepted(tmp_path: Path) -> None:
+    # nanosecond timestamps: huge, but within seconds of each other
+    records = make_records(25)
+    for i, record in enumerate(records):
+        record["context_features"]["location_proximity"] = 1.7e18 + i * 1e12
+    dataset = load_dataset(write_json(tmp_path / "ns.json", records))
+    assert dataset.features[3, 24] == pytest.approx(1.7e18 + 3e12, rel=1e-6)
+
+
+def test_values_spread_to_the_limit_still_train(tmp_path: Path) -> None:
+    # the limit is safe: values 2e18 apart (the widest it allows) train to finite losses
+    # whichever records the split puts in training
+    records = make_records(60)
+    for i, record in enumerate(records):
+        record["context_features"]["energy_match"] = 0.99e18 if i % 2 else -0.99e18
+    split = split_dataset(load_dataset(write_json(tmp_path / "wide.json", records)), seed=0)
+    for result in (
+        train_model(split, TrainConfig(epochs=2, seed=0)),
+        train_one(split, TrainConfig(epochs=2, seed=0)),
+    ):
+        assert np.isfinite([result.train_loss, result.val_loss, result.test_loss]).all()
+
+
+def test_csv_values_too_far_apart_are_refused(tmp_path: Path) -> None:
+    rows = [f"{i / 10},{i % 10 / 10}" for i in range(25)]
+    rows[9] = "-3e38,0.5"
+    rows[11] = "3e38,0.5"
+    path = _csv(tmp_path, "a,score", rows)
+    with pytest.raises(DataError, match=r"d\.csv: record 9, field 'a': -3e\+38 "):
+        load_dataset(path, target="score")
+
+
+def test_data_check_refuses_values_that_cannot_be_scaled(run_cli: RunCli, tmp_path: Path) -> None:
+    records = make_records(30)
+    records[3]["spot_vibe_dimensions"]["spot_rating"] = 3e38  # not a model input: ignored
+    records[5]["spot_vibe_dimensions"]["novelty_seeking"] = 3.3e38
+    records[6]["spot_vibe_dimensions"]["novelty_seeking"] = -3.3e38
+    result = run_cli("data", "check", write_json(tmp_path / "huge.json", records))
+    assert_clean_failure(
+        result, "huge.json: record 5, field 'spot_vibe_dimensions.novelty_seeking'"
+    )
+    assert result.stdout == ""
+
+
+# --- files no parser can follow ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": ' * 100_000 + "1" + "}" * 100_000,
+        '{"metadata": ' + "[" * 100_000 + "]" * 100_000 + ', "training_data": []}',
+        json.dumps(make_records(3))[:-1] + ", " + "[" * 5000 + "]" * 5000 + "]",
+    ],
+    ids=["lists", "objects", "in-metadata", "as-a-record"],
+)
+def test_json_nested_too_deeply_is_one_data_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path)
+    message = str(excinfo.value)
+    assert message.startswith(f"{path}: JSON nested too deeply to read")
+    assert "is this the app's export?" in message
+
+
+def test_data_check_on_json_nested_100000_deep_fails_cleanly(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert_clean_failure(run_cli("data", "check", path), "deep.json: JSON nested too deeply")
+
+
+def test_csv_cell_too_large_for_the_csv_reader_is_a_data_error(tmp_path: Path) -> None:
+    rows = [f"{i},{i % 10 / 10}" for i in range(25)]
+    rows[20] = '"' + "x" * 200_000 + '",0.5'
+    path = _csv(tmp_path, "a,score", rows)
+    with pytest.raises(DataError, match=r"d\.csv: line 22: cannot be read as CSV \(field larger"):
+        load_dataset(path, target="score")
+
+
+def test_a_huge_value_is_shown_short_in_the_message(tmp_path: Path) -> None:
+    records = make_records(25)
+    records[2]["timing_features"]["user_patterns"] = "x" * 100_000
+    records[3]["timing_features"]["user_patterns"] = list(range(10_000))
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(write_json(tmp_path / "d.json", records))
+    assert len(str(excinfo.value)) < 250
+    records[2]["timing_features"]["user_patterns"] = 0.5
+    with pytest.raises(DataError, match="a list is not a number"):
+        load_dataset(write_json(tmp_path / "d.json", records))
+
+
+def test_a_target_with_a_line_break_is_named_on_one_line(tmp_path: Path) -> None:
+    # found by tests/test_fuzz.py: the message quoted the --target value as it came
+    path = _csv(tmp_path, "a,score", [f"{i},{i % 10 / 10}" for i in range(25)])
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(path, target="score\n")
+    assert str(excinfo.value) == f"{path}: no column 'score\\n' for --target; columns are: a, score"

@@ -186,3 +186,52 @@ def test_a_registry_of_any_text_is_a_registry_error(text: str) -> None:
         assert "\n" not in str(exc)
     finally:
         path.unlink()
+
+
+def _nest(depth: int, kinds: list[str], leaf: str) -> str:
+    """``leaf`` inside ``depth`` levels of lists and objects (``kinds`` cycled), as JSON text."""
+    opening = "".join("[" if kinds[i % len(kinds)] == "list" else '{"k": ' for i in range(depth))
+    closing = "".join(
+        "]" if kinds[i % len(kinds)] == "list" else "}" for i in reversed(range(depth))
+    )
+    return opening + leaf + closing
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(min_value=1, max_value=150_000),
+    st.lists(st.sampled_from(["list", "object"]), min_size=1, max_size=3),
+    st.sampled_from(["document", "metadata", "record", "group", "value", "label"]),
+)
+def test_json_nested_to_any_depth_loads_or_is_a_data_error(
+    depth: int, kinds: list[str], where: str
+) -> None:
+    records = [json.dumps(r) for r in _some_records()]
+    nested = _nest(depth, kinds, "0.5")
+    if where == "document":
+        text = nested
+    elif where == "metadata":
+        text = f'{{"metadata": {nested}, "training_data": [{", ".join(records)}]}}'
+    elif where == "record":
+        text = f"[{', '.join(records[:5])}, {nested}, {', '.join(records[5:])}]"
+    else:
+        field = {
+            "group": '"context_features": ',
+            "value": '"context_features": {"energy_match": ',
+            "label": '"outcome_score": ',
+        }[where]
+        closing = "}" if where == "value" else ""
+        records[5] = "{" + field + nested + closing + "}"
+        text = f"[{', '.join(records)}]"
+    _loads_or_data_error(_write(text, ".json"))
+
+
+def _some_records() -> list[dict[str, Any]]:
+    return [
+        {
+            group: {name: (i * 7 + j) % 10 / 10 for j, name in enumerate(names)}
+            for group, names in FEATURE_GROUPS
+        }
+        | {"outcome_score": i % 10 / 10}
+        for i in range(25)
+    ]

@@ -1,13 +1,16 @@
 """``cso search``: an Optuna study that looks for better models than the grid's 15 points.
 
 The canonical objective shape: suggest (space.py) -> train -> report validation loss every epoch
--> prune -> store the weights as an artifact -> return. The baseline is always the first trial,
-the sampler never sees test loss, and the study runs until it holds N finished (complete or
-pruned) trials, however often it is interrupted and by how many worker processes.
+-> prune -> store the weights as an artifact -> return. The baseline is the first trial a new
+study asks for, marked as such (it is never pruned, and a retry after a crash is still the
+baseline), the sampler never sees test loss, no two trials share a sampler seed (samplers.py),
+and the study runs until it holds N finished (complete or pruned) trials, however often it is
+interrupted and by how many worker processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import time
@@ -20,16 +23,22 @@ from typing import TYPE_CHECKING, Any
 from calling_score_opt.data import Dataset, Split, load_dataset, require_trainable, split_dataset
 from calling_score_opt.errors import ConfigError, CsoError, StudyError, TrainingError
 from calling_score_opt.model import check_pair_features
+from calling_score_opt.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
 from calling_score_opt.study import (
+    BASELINE_ATTR,
     StudyLocation,
     artifact_store,
     beating,
     claim_lock,
+    fail_interrupted,
     open_storage,
     open_study,
+    storage_of,
     store_checkpoint,
+    store_learning_curve,
     study_identity,
+    trial_id_of,
 )
 
 if TYPE_CHECKING:
@@ -37,8 +46,6 @@ if TYPE_CHECKING:
     from optuna.artifacts import FileSystemArtifactStore
     from optuna.trial import TrialState
 
-SAMPLERS = ("tpe", "gp", "cmaes", "random")
-PRUNERS = ("median", "hyperband", "none")
 OBJECTIVES = ("val_loss", "val_loss,params", "val_loss,latency")
 _FINISHED = ("COMPLETE", "PRUNED")
 
@@ -93,38 +100,6 @@ class SearchSettings(StudyLocation):
         return len(self.objective_names) > 1
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """A seeded Optuna sampler by its CLI name."""
-    import optuna
-    from optuna.exceptions import ExperimentalWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)  # CMA-ES: categorical params fall back
-        if name == "tpe":
-            return optuna.samplers.TPESampler(seed=seed)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        if name == "cmaes":
-            return optuna.samplers.CmaEsSampler(
-                seed=seed,
-                independent_sampler=optuna.samplers.TPESampler(seed=seed),
-                warn_independent_sampling=False,  # categorical batch sizes: expected, not news
-            )
-        return optuna.samplers.RandomSampler(seed=seed)
-
-
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    """Median (after 5 trials and 5 epochs), Hyperband over epochs, or none."""
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=3, max_resource=epochs)
-    return optuna.pruners.NopPruner()
-
-
 def _identity(settings: SearchSettings, dataset: Dataset) -> dict[str, Any]:
     return {
         **study_identity("search", dataset, settings.seed, settings.epochs),
@@ -135,7 +110,7 @@ def _identity(settings: SearchSettings, dataset: Dataset) -> dict[str, Any]:
 
 
 def _open_search_study(
-    settings: SearchSettings, dataset: Dataset, sampler_seed: int
+    settings: SearchSettings, dataset: Dataset
 ) -> tuple[optuna.Study, FileSystemArtifactStore]:
     import optuna
 
@@ -145,7 +120,7 @@ def _open_search_study(
         study_name=settings.study_name,
         storage=storage,
         directions=directions,
-        sampler=make_sampler(settings.sampler, sampler_seed),
+        sampler=make_sampler(settings.sampler, settings.seed),
         pruner=make_pruner(settings.pruner, settings.epochs),
         load_if_exists=True,
     )
@@ -154,7 +129,7 @@ def _open_search_study(
             f"study '{settings.study_name}' has {len(study.directions)} objective(s), this run "
             f"asks for {settings.objectives}; pass --study NEW_NAME"
         )
-    open_study(storage, settings.study_name, _identity(settings, dataset))
+    open_study(storage, settings.study_name, _identity(settings, dataset), settings.objective_names)
     study.set_user_attr("data_path", str(settings.data_path))
     return study, artifact_store(settings.artifacts)
 
@@ -201,7 +176,8 @@ def _run_trial(
     on_epoch: EpochEvent | None,
 ) -> TrialState:
     """Run one trial; if this worker stalled so long that another failed the trial as stale
-    (and queued it again), give it up quietly: that retry is the trial now."""
+    (and queued it again), give it up quietly: that retry is the trial now. Interrupted, the
+    trial is failed and queued again at once."""
     from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
@@ -209,6 +185,9 @@ def _run_trial(
         return _train_and_tell(study, trial, settings, split, feature_names, store, on_epoch)
     except UpdateFinishedTrialError:
         return TrialState.FAIL
+    except KeyboardInterrupt:  # failed now and queued again, not left to the heartbeat
+        fail_interrupted(study, trial_id_of(trial), retry=True)
+        raise
 
 
 def _train_and_tell(
@@ -233,21 +212,27 @@ def _train_and_tell(
     )
     trial.set_user_attr("hidden_sizes", list(config.hidden_sizes))
     trial.set_user_attr("seed", config.seed)
+    # The baseline is what every other trial is measured against: it always runs to the end.
+    prunable = settings.pruner != "none" and trial.user_attrs.get(BASELINE_ATTR) is not True
+    history: list[tuple[int, float, float]] = []
 
     def report(stats: EpochStats) -> None:
+        history.append((stats.epoch, stats.train_loss, stats.val_loss))
         if on_epoch is not None:
             on_epoch(trial.number, stats.epoch, settings.epochs, stats.val_loss)
         if settings.multi_objective:
             return  # Optuna cannot prune on one of several objectives
         trial.report(stats.val_loss, stats.epoch)
-        if settings.pruner != "none" and trial.should_prune():  # asking costs a study read
+        if prunable and trial.should_prune():  # asking costs a study read
             trial.set_user_attr("pruned_at_epoch", stats.epoch)
             raise optuna.TrialPruned(f"pruned at epoch {stats.epoch}")
 
-    with beating(study._storage, {trial._trial_id}):  # as Optuna's own optimize() does
+    with beating(storage_of(study), {trial_id_of(trial)}):  # as Optuna's own optimize() does
         try:
             result = train_one(split, config, settings.device, report)
         except optuna.TrialPruned:
+            with contextlib.suppress(OSError):  # the curve is for people; the state matters
+                store_learning_curve(store, trial, history)
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED
         except UpdateFinishedTrialError:
@@ -258,14 +243,11 @@ def _train_and_tell(
             study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
         try:
-            for key, value in {  # test loss is recorded for people; the sampler never sees it
-                **result.metrics(),
-                "train_losses": [round(s.train_loss, 8) for s in result.history],
-            }.items():
+            # Test loss is recorded for people; the sampler never sees it.
+            for key, value in result.metrics().items():
                 trial.set_user_attr(key, value)
             store_checkpoint(store, trial, checkpoint_bytes(result, feature_names))
-            if settings.multi_objective:  # Optuna takes no per-epoch reports here: keep the curve
-                trial.set_user_attr("val_losses", [s.val_loss for s in result.history])
+            store_learning_curve(store, trial, history)
             values = [result.val_loss]
             if "params" in settings.objective_names:
                 values.append(float(result.parameters))
@@ -296,12 +278,13 @@ def _search_loop(
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
-    study, store = _open_search_study(settings, dataset, settings.seed + worker)
+    study, store = _open_search_study(settings, dataset)
+    storage = storage_of(study)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     failures = 0
     while deadline is None or time.monotonic() < deadline:
         with (
-            claim_lock(settings.storage, settings.study_name, study._storage),
+            claim_lock(settings.storage, settings.study_name, storage),
             warnings.catch_warnings(),
         ):
             # cso records heartbeats itself (study.beating), so Optuna's notes that heartbeats
@@ -316,7 +299,7 @@ def _search_loop(
                 return
             trial = study.ask() if finished + running < settings.trials else None
             if trial is not None:  # a trial with no heartbeat at all is never found stale
-                study._storage.record_heartbeat(trial._trial_id)  # type: ignore[attr-defined]
+                storage.record_heartbeat(trial_id_of(trial))  # type: ignore[attr-defined]
         if trial is None:  # the last trials are running elsewhere; one may still fail
             time.sleep(0.5)
             continue
@@ -410,11 +393,13 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
             settings = dataclasses.replace(settings, pair_features="off")  # nothing to pair
     split = split_dataset(dataset, settings.seed)
     resolve_device(settings.device)
-    study, _ = _open_search_study(settings, dataset, settings.seed)
-    with claim_lock(settings.storage, settings.study_name, study._storage):
+    study, _ = _open_search_study(settings, dataset)
+    with claim_lock(settings.storage, settings.study_name, storage_of(study)):
         if not study.get_trials(deepcopy=False):  # a new study: its first trial is the baseline
-            study.enqueue_trial(baseline_params(settings.space, settings.pair_features))
-            study.set_user_attr("baseline_trial", 0)
+            study.enqueue_trial(
+                baseline_params(settings.space, settings.pair_features),
+                user_attrs={BASELINE_ATTR: True},
+            )
     observer.started(settings.trials, _finished(study), settings.jobs)
 
     def progressed(current: optuna.Study) -> None:

@@ -222,13 +222,23 @@ def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) ->
     return storage
 
 
-def open_study(storage: BaseStorage, name: str, identity: Mapping[str, Any]) -> optuna.Study:
+def open_study(
+    storage: BaseStorage,
+    name: str,
+    identity: Mapping[str, Any],
+    metric_names: Sequence[str] = ("val_loss",),
+) -> optuna.Study:
     """Create the study, or load it when ``identity`` (data fingerprint, seed, ...) matches.
+
+    ``metric_names`` name the objectives for Optuna's own tools (optuna-dashboard, plots).
 
     Raises:
         StudyError: the stored study was made with different ``identity`` values.
     """
+    import warnings
+
     import optuna
+    from optuna.exceptions import ExperimentalWarning
 
     study = optuna.create_study(
         study_name=check_study_name(name),
@@ -245,6 +255,10 @@ def open_study(storage: BaseStorage, name: str, identity: Mapping[str, Any]) -> 
                 f"study '{name}' was run with {key} = {stored[key]!r}, this run has {value!r}; "
                 "pass --study NEW_NAME (or delete the study) to start over"
             )
+    if study.metric_names != list(metric_names):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(list(metric_names))
     return study
 
 
@@ -284,24 +298,27 @@ def finish_trial(
     *,
     value: float | None,
     user_attrs: Mapping[str, Any],
-    intermediate_values: Mapping[int, float],
     artifact_store: FileSystemArtifactStore | None = None,
     checkpoint: bytes | None = None,
+    history: Sequence[tuple[int, float, float]] = (),
 ) -> FrozenTrial:
     """Store a run's results on its RUNNING trial and finish it (``value`` None: failed).
 
-    The checkpoint artifact is stored before the state changes: a crash in between leaves a
-    RUNNING trial (failed by the heartbeat, then retrained), never a complete one without weights.
+    ``history`` (epoch, train loss, val loss) becomes the trial's learning_curve.json. The
+    artifacts are stored before the state changes: a crash in between leaves a RUNNING trial
+    (failed by the heartbeat, then retrained), never a complete one without weights.
     """
     from optuna.trial import TrialState
 
     storage = storage_of(study)
     for key, attr in user_attrs.items():
         storage.set_trial_user_attr(trial_id, key, attr)
-    for step, loss in intermediate_values.items():
-        storage.set_trial_intermediate_value(trial_id, step, loss)
-    if checkpoint is not None and artifact_store is not None:
-        store_checkpoint(artifact_store, storage.get_trial(trial_id), checkpoint, storage)
+    if artifact_store is not None and (checkpoint is not None or history):
+        frozen = storage.get_trial(trial_id)
+        if checkpoint is not None:
+            store_checkpoint(artifact_store, frozen, checkpoint, storage)
+        if history:
+            store_learning_curve(artifact_store, frozen, history, storage)
     if value is None:
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
     else:
@@ -329,6 +346,43 @@ def _upload(
             storage=storage,
             mimetype=mimetype,
         )
+
+
+def fail_interrupted(study: optuna.Study, trial_id: int, *, retry: bool) -> None:
+    """Fail a trial this process was running when it was interrupted (Ctrl-C, SIGTERM), at once.
+
+    Waiting for its heartbeat to go stale would hold the next run up for the grace period. With
+    ``retry`` the same configuration is queued again (user attributes such as the baseline mark
+    included), exactly as a stale trial is. Errors are swallowed: the process is on its way
+    out, and a trial left RUNNING is still failed by its heartbeat later.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = storage_of(study)
+    with contextlib.suppress(Exception):
+        frozen = storage.get_trial(trial_id)
+        if frozen.state != TrialState.RUNNING:
+            return
+        storage.set_trial_user_attr(trial_id, "error", "interrupted (Ctrl-C or a stop signal)")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        if retry:
+            history = [*frozen.system_attrs.get("retry_history", []), frozen.number]
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    params=frozen.params,
+                    distributions=frozen.distributions,
+                    user_attrs={
+                        k: v for k, v in frozen.user_attrs.items() if k != "pruned_at_epoch"
+                    },
+                    system_attrs={
+                        **frozen.system_attrs,
+                        "failed_trial": frozen.number,
+                        "retry_history": history,
+                    },
+                )
+            )
 
 
 def store_checkpoint(
@@ -364,11 +418,14 @@ def store_learning_curve(
 
 
 def study_identity(kind: str, dataset: Dataset, split_seed: int, epochs: int) -> dict[str, Any]:
-    """What a grid or search study is bound to: a rerun that differs in these is refused."""
+    """What a grid or search study is bound to: a rerun that differs in these is refused.
+
+    The data fingerprint fixes the features too; their names travel in every checkpoint and
+    ONNX file instead of filling the study's attributes (``optuna studies`` shows them all).
+    """
     return {
         "kind": kind,
         "data_fingerprint": dataset.fingerprint,
-        "feature_names": list(dataset.feature_names),
         "split_seed": split_seed,
         "epochs": epochs,
     }

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
-from helpers import assert_clean_failure, files_under, write_json
+from helpers import assert_clean_failure, cso_executable, files_under, write_json
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
@@ -16,7 +18,14 @@ import calling_score_opt.stacked as stacked_module
 from calling_score_opt.errors import ConfigError, StudyError, TrainingError
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.space import GRID_CHOICES, VARIANTS, baseline_params
-from calling_score_opt.study import CHECKPOINT_FILENAME, open_storage
+from calling_score_opt.study import (
+    BASELINE_ATTR,
+    CHECKPOINT_FILENAME,
+    LEARNING_CURVE_FILENAME,
+    artifact_store,
+    open_storage,
+)
+from calling_score_opt.trials import baseline_trial, learning_curve
 
 EPOCHS = 2
 PRUNE_EPOCHS = 8  # the median pruner waits 5 epochs (and 5 complete trials) before it prunes
@@ -84,6 +93,13 @@ def finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 def states(trials: list[FrozenTrial]) -> list[str]:
     return [t.state.name for t in trials]
+
+
+def assert_no_repeated_configuration(trials: list[FrozenTrial]) -> None:
+    """No two trials hold the same parameters (training is deterministic: a copy is waste)."""
+    configs = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    repeated = {c for c in configs if configs.count(c) > 1}
+    assert not repeated, f"repeated configurations: {repeated}"
 
 
 # --- one study with a pruned trial, shared by the module's read-only tests ------------------
@@ -160,8 +176,10 @@ def test_a_bad_configuration_is_pruned(pruned_trials: list[FrozenTrial]) -> None
 
 
 def test_complete_trials_report_every_epoch_and_return_val_loss(
-    pruned_trials: list[FrozenTrial],
+    pruned_search: SearchSettings, pruned_trials: list[FrozenTrial]
 ) -> None:
+    storage = open_storage(pruned_search.storage)
+    store = artifact_store(pruned_search.artifacts)
     complete = [t for t in pruned_trials if t.state == TrialState.COMPLETE]
     assert len(complete) >= 5
     for trial in complete:
@@ -178,7 +196,12 @@ def test_complete_trials_report_every_epoch_and_return_val_loss(
             trial.values[0], rel=1e-6
         )
         assert attrs["epochs_run"] == PRUNE_EPOCHS
-        assert len(attrs["train_losses"]) == attrs["epochs_run"]
+        curve = learning_curve(trial, storage, store)
+        assert curve is not None
+        assert curve.epoch == tuple(range(1, PRUNE_EPOCHS + 1))
+        assert list(curve.val_loss) == [trial.intermediate_values[e] for e in curve.epoch]
+        assert len(curve.train_loss) == PRUNE_EPOCHS
+        assert "train_losses" not in attrs  # long lists stay out of `optuna trials`
         assert attrs["seed"] == 0
         assert attrs["training_time_s"] >= 0
 
@@ -192,13 +215,14 @@ def test_every_complete_trial_has_its_checkpoint_under_the_default_folder(
     assert pruned_search.artifacts == folder
     for trial in pruned_trials:
         metas = get_all_artifact_meta(trial, storage=storage)
+        names = sorted(m.filename for m in metas)
         if trial.state == TrialState.COMPLETE:
-            assert [m.filename for m in metas] == [CHECKPOINT_FILENAME]
-            assert (folder / metas[0].artifact_id).is_file()
-        else:
-            assert metas == []
+            assert names == [LEARNING_CURVE_FILENAME, CHECKPOINT_FILENAME]
+        else:  # a pruned trial keeps its curve so far, and no weights
+            assert names == [LEARNING_CURVE_FILENAME]
+        assert all((folder / m.artifact_id).is_file() for m in metas)
     complete = sum(t.state == TrialState.COMPLETE for t in pruned_trials)
-    assert len(files_under(folder)) == complete
+    assert len(files_under(folder)) == complete + len(pruned_trials)
 
 
 # --- the continuous space ------------------------------------------------------------------
@@ -286,13 +310,134 @@ def test_two_worker_processes_share_the_default_sqlite_storage(
     storage = open_storage(settings.storage)
     for trial in trials:
         metas = get_all_artifact_meta(trial, storage=storage)
-        expected = 1 if trial.state == TrialState.COMPLETE else 0
+        expected = 2 if trial.state == TrialState.COMPLETE else 1  # weights only when complete
         assert len(metas) == expected, trial.number
         assert all((folder / m.artifact_id).is_file() for m in metas)
+    assert_no_repeated_configuration(trials)
     output = capfd.readouterr()
     logs = output.out + output.err
     assert "database is locked" not in logs
     assert "Traceback" not in logs
+
+
+def test_resume_never_repeats_a_configuration(tmp_path: Path, synth_file: Path) -> None:
+    """A resumed study draws new configurations (its sampler is not replaying old draws)."""
+    run_search(settings_in(tmp_path, synth_file, trials=4, sampler="random"))
+    run_search(settings_in(tmp_path, synth_file, trials=8, sampler="random"))
+    trials = load(settings_in(tmp_path, synth_file)).get_trials()
+    assert len(finished(trials)) == 8
+    assert_no_repeated_configuration(trials)
+
+
+def test_two_cso_search_processes_on_one_study_never_repeat(
+    tmp_path: Path, synth_file: Path
+) -> None:
+    """Two separate ``cso search`` commands (two machines, say) with the same seed on one
+    study: every trial they run together is a new configuration, and they stop at N."""
+    db = tmp_path / "shared.db"
+    command = [
+        cso_executable(),
+        "search",
+        "--trials=8",
+        "--sampler=random",
+        "--epochs=2",
+        f"--data-path={synth_file}",
+        "--study=shared",
+        f"--storage=sqlite:///{db}",
+        "--quiet",
+    ]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    outputs = [p.communicate(timeout=240)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outputs
+    trials = optuna.load_study(study_name="shared", storage=f"sqlite:///{db}").get_trials()
+    assert len(finished(trials)) == 8
+    assert_no_repeated_configuration(trials)
+
+
+# --- the baseline ----------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: nothing in cso catches it, the trial is left RUNNING."""
+
+
+#: A fifth good configuration, so that the median pruner (5 startup trials) is active.
+GOOD_FIFTH = _grid(0.005, 16, "256,128", 0.1)
+
+
+def test_a_baseline_killed_mid_trial_survives_its_retry_and_is_never_pruned(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CSO_HEARTBEAT_INTERVAL", "1")  # stale after 4 s
+    real = stacked_module.train_one
+    calls: list[int] = []
+
+    def dies_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stacked_module, "train_one", dies_first)
+    settings = settings_in(tmp_path, synth_file, trials=6, space="grid", epochs=PRUNE_EPOCHS)
+    with pytest.raises(Killed):
+        run_search(settings)
+    study = load(settings)
+    assert states(study.get_trials()) == ["RUNNING"]
+    time.sleep(4.5)  # the heartbeat goes stale; the next run fails the trial and retries it
+    for params in [*GOOD, GOOD_FIFTH]:
+        study.enqueue_trial(params)
+    run_search(settings)
+
+    trials = load(settings).get_trials()
+    assert trials[0].state == TrialState.FAIL
+    retried = [t for t in trials if t.params == BASELINE_GRID and t.number > 0]
+    assert len(retried) == 1
+    assert retried[0].number == 6  # after the five good ones: the median pruner was active
+    baseline = baseline_trial(load(settings))
+    assert baseline is not None
+    assert baseline.number == retried[0].number
+    assert baseline.state == TrialState.COMPLETE  # run to the end, never pruned
+    assert baseline.user_attrs[BASELINE_ATTR] is True
+    assert baseline.user_attrs["epochs_run"] == PRUNE_EPOCHS
+    # ... although the pruner would have stopped it: it is worse than the median of the others
+    others = [t for t in trials if t.state == TrialState.COMPLETE and t.number != baseline.number]
+    at = 5
+    median = sorted(t.intermediate_values[at] for t in others)[len(others) // 2]
+    assert baseline.intermediate_values[at] > median
+
+
+def test_ctrl_c_fails_the_running_trial_at_once_and_queues_it_again(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = stacked_module.train_one
+    calls: list[int] = []
+
+    def interrupted_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stacked_module, "train_one", interrupted_first)
+    settings = settings_in(tmp_path, synth_file, trials=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(settings)
+    trials = load(settings).get_trials()
+    assert states(trials) == ["FAIL", "WAITING"]  # no RUNNING trial waiting for a heartbeat
+    assert trials[0].user_attrs["error"].startswith("interrupted")
+    assert trials[1].params == BASELINE_CONTINUOUS
+    assert trials[1].user_attrs[BASELINE_ATTR] is True
+    assert "error" not in trials[1].user_attrs
+
+    started = time.monotonic()
+    run_search(settings)
+    assert time.monotonic() - started < 15  # no wait for a grace period
+    trials = load(settings).get_trials()
+    assert states(trials) == ["FAIL", "COMPLETE", "COMPLETE"]
+    baseline = baseline_trial(load(settings))
+    assert baseline is not None and baseline.number == 1
 
 
 # --- failures ------------------------------------------------------------------------------

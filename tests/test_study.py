@@ -18,6 +18,7 @@ from calling_score_opt.study import (
     open_storage,
     open_study,
     read_checkpoint,
+    read_learning_curve,
     start_trial,
 )
 
@@ -80,16 +81,20 @@ def test_recorded_trial_keeps_values_attrs_and_weights(tmp_path: Path) -> None:
         distributions=grid_distributions(),
         value=0.0123,
         user_attrs={"variant": VARIANTS[3].name, "val_loss": 0.0123},
-        intermediate_values={1: 0.05, 2: 0.0123},
         artifact_store=store,
         checkpoint=b"weights",
+        history=[(1, 0.06, 0.05), (2, 0.02, 0.0123)],
     )
     assert trial.state.name == "COMPLETE"
     assert trial.value == 0.0123
     assert trial.params == VARIANTS[3].params()
     assert trial.user_attrs["variant"] == "v1_1_lr_0.002"
-    assert trial.intermediate_values == {1: 0.05, 2: 0.0123}
     assert read_checkpoint(store, storage, trial) == b"weights"
+    assert read_learning_curve(store, storage, trial) == {
+        "epoch": [1, 2],
+        "train_loss": [0.06, 0.02],
+        "val_loss": [0.05, 0.0123],
+    }
 
     failed = record_trial(
         study,
@@ -97,7 +102,6 @@ def test_recorded_trial_keeps_values_attrs_and_weights(tmp_path: Path) -> None:
         distributions=grid_distributions(),
         value=None,
         user_attrs={"error": "diverged"},
-        intermediate_values={},
     )
     assert failed.state.name == "FAIL"
     with pytest.raises(StudyError, match="has no stored weights"):
@@ -114,7 +118,6 @@ def test_missing_weights_file_is_a_study_error(tmp_path: Path) -> None:
         distributions=grid_distributions(),
         value=0.02,
         user_attrs={},
-        intermediate_values={},
         artifact_store=store,
         checkpoint=b"weights",
     )

@@ -18,7 +18,7 @@ import numpy as np
 from calling_score_opt.atomic import atomic_path
 from calling_score_opt.data import Array
 from calling_score_opt.errors import ExportError
-from calling_score_opt.model import N_VIBE_DIMENSIONS, CallingScoreModel
+from calling_score_opt.model import N_VIBE_DIMENSIONS, CallingScoreModel, EnsembleModel
 
 if TYPE_CHECKING:
     from calling_score_opt.train import TrainConfig
@@ -131,23 +131,23 @@ OPSET = 17  # what onnxruntime releases of the last years, mobile ones included,
 IR_VERSION = 8  # the IR version that goes with opset 17
 
 
-def build_onnx(model: CallingScoreModel, metadata: Mapping[str, Any]) -> Any:
-    """The ONNX graph of ``model``: Sub, Div, (Gemm, Relu)*, Gemm, Sigmoid, Squeeze.
+def _mlp_graph(model: CallingScoreModel, prefix: str, score: str) -> tuple[list[Any], list[Any]]:
+    """Nodes and initializers that turn ``input`` into ``score`` ([N]) for one MLP.
 
-    Written from the weights with ``onnx.helper`` instead of tracing with ``torch.onnx``: the
-    architecture is fixed and tiny, tracing it costs about a second per model (more than
-    training some variants), and the result here is the same graph, byte for byte the same
-    every time, with nothing in it but the scaling, the layers and the sigmoid. The parity check
-    in :func:`export_onnx` holds it to PyTorch's numbers.
+    Every name the MLP introduces starts with ``prefix``, so several MLPs fit in one graph.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
     from torch import nn
 
     def tensor(name: str, value: Any) -> Any:
-        return numpy_helper.from_array(np.ascontiguousarray(value), name)
+        return numpy_helper.from_array(np.ascontiguousarray(value), prefix + name)
 
-    n_features = model.n_inputs
+    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
+        return helper.make_node(op, inputs, [output], name=output, **attrs)
+
+    def p(name: str) -> str:
+        return prefix + name
+
     initializers = [
         tensor("feature_mean", model.feature_mean.detach().cpu().numpy()),
         tensor("feature_std", model.feature_std.detach().cpu().numpy()),
@@ -167,30 +167,28 @@ def build_onnx(model: CallingScoreModel, metadata: Mapping[str, Any]) -> Any:
             )
         ]
         nodes += [
-            helper.make_node(
+            node(
                 "Slice",
-                [INPUT_NAME, "user_start", "spot_start", "feature_axis"],
-                ["user_vibes"],
-                name="user_vibes",
+                [INPUT_NAME, p("user_start"), p("spot_start"), p("feature_axis")],
+                p("user_vibes"),
             ),
-            helper.make_node(
+            node(
                 "Slice",
-                [INPUT_NAME, "spot_start", "spot_end", "feature_axis"],
-                ["spot_vibes"],
-                name="spot_vibes",
+                [INPUT_NAME, p("spot_start"), p("spot_end"), p("feature_axis")],
+                p("spot_vibes"),
             ),
-            helper.make_node("Sub", ["user_vibes", "spot_vibes"], ["vibe_diff"], name="vibe_diff"),
-            helper.make_node("Abs", ["vibe_diff"], ["vibe_pairs"], name="vibe_pairs"),
-            helper.make_node(
-                "Concat", [INPUT_NAME, "vibe_pairs"], ["features"], name="features", axis=1
-            ),
+            node("Sub", [p("user_vibes"), p("spot_vibes")], p("vibe_diff")),
+            node("Abs", [p("vibe_diff")], p("vibe_pairs")),
+            node("Concat", [INPUT_NAME, p("vibe_pairs")], p("features"), axis=1),
         ]
-        features = "features"
+        features = p("features")
     nodes += [
-        helper.make_node("Sub", [features, "feature_mean"], ["centred"], name="scale_sub"),
-        helper.make_node("Div", ["centred", "feature_std"], ["scaled"], name="scale_div"),
+        helper.make_node("Sub", [features, p("feature_mean")], [p("centred")], name=p("scale_sub")),
+        helper.make_node(
+            "Div", [p("centred"), p("feature_std")], [p("scaled")], name=p("scale_div")
+        ),
     ]
-    current, layer = "scaled", 0
+    current, layer = p("scaled"), 0
     for module in model.network:
         if isinstance(module, nn.Linear):
             weight, bias = f"linear{layer}.weight", f"linear{layer}.bias"
@@ -198,25 +196,66 @@ def build_onnx(model: CallingScoreModel, metadata: Mapping[str, Any]) -> Any:
                 tensor(weight, module.weight.detach().cpu().numpy()),
                 tensor(bias, module.bias.detach().cpu().numpy()),
             ]
-            out = f"linear{layer}"
-            nodes.append(
-                helper.make_node("Gemm", [current, weight, bias], [out], name=out, transB=1)
-            )
+            out = p(f"linear{layer}")
+            nodes.append(node("Gemm", [current, p(weight), p(bias)], out, transB=1))
             current, layer = out, layer + 1
         elif isinstance(module, nn.ReLU | nn.Sigmoid):
             op = "Relu" if isinstance(module, nn.ReLU) else "Sigmoid"
-            out = f"{op.lower()}{layer}"
-            nodes.append(helper.make_node(op, [current], [out], name=out))
+            out = p(f"{op.lower()}{layer}")
+            nodes.append(node(op, [current], out))
             current = out
         elif not isinstance(module, nn.Dropout):  # dropout is the identity at inference
             raise ExportError(f"cannot export layer {type(module).__name__}: not part of the MLP")
     nodes.append(
-        helper.make_node("Squeeze", [current, "squeeze_axes"], [OUTPUT_NAME], name="to_flat")
+        helper.make_node("Squeeze", [current, p("squeeze_axes")], [score], name=p("to_flat"))
     )
+    return nodes, initializers
+
+
+def build_onnx(model: CallingScoreModel | EnsembleModel, metadata: Mapping[str, Any]) -> Any:
+    """The ONNX graph of ``model``: Sub, Div, (Gemm, Relu)*, Gemm, Sigmoid, Squeeze.
+
+    Written from the weights with ``onnx.helper`` instead of tracing with ``torch.onnx``: the
+    architecture is fixed and tiny, tracing it costs about a second per model (more than
+    training some variants), and the result here is the same graph, byte for byte the same
+    every time, with nothing in it but the scaling, the layers and the sigmoid. The parity check
+    in :func:`export_onnx` holds it to PyTorch's numbers.
+
+    An ensemble is each member's graph (names prefixed ``m0_``, ``m1_``, ...), every score
+    multiplied by its weight (Mul) and the products added (Sum): still one input, one [N]
+    output, one file.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if isinstance(model, EnsembleModel):
+        nodes, initializers, weighted = [], [], []
+        for index, (weight, member) in enumerate(zip(model.weights, model.members, strict=True)):
+            prefix = f"m{index}_"
+            member_nodes, member_inits = _mlp_graph(member, prefix, f"{prefix}score")  # type: ignore[arg-type]
+            nodes += member_nodes
+            initializers += [
+                *member_inits,
+                numpy_helper.from_array(np.array(weight, dtype=np.float32), f"{prefix}weight"),
+            ]
+            nodes.append(
+                helper.make_node(
+                    "Mul",
+                    [f"{prefix}score", f"{prefix}weight"],
+                    [f"{prefix}weighted"],
+                    name=f"{prefix}weighted",
+                )
+            )
+            weighted.append(f"{prefix}weighted")
+        nodes.append(helper.make_node("Sum", weighted, [OUTPUT_NAME], name="ensemble_sum"))
+        graph_name = "calling_score_ensemble"
+    else:
+        nodes, initializers = _mlp_graph(model, "", OUTPUT_NAME)
+        graph_name = "calling_score_mlp"
     graph = helper.make_graph(
         nodes,
-        "calling_score_mlp",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", n_features])],
+        graph_name,
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", model.n_inputs])],
         [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N"])],
         initializers,
     )
@@ -235,7 +274,7 @@ def build_onnx(model: CallingScoreModel, metadata: Mapping[str, Any]) -> Any:
 
 
 def export_onnx(
-    model: CallingScoreModel,
+    model: CallingScoreModel | EnsembleModel,
     path: Path,
     x_check: Array,
     metadata: Mapping[str, Any],

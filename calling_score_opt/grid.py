@@ -8,7 +8,6 @@ the main process alone writes the study and the output files.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import queue
 import statistics
@@ -22,8 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calling_score_opt import __version__
-from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.data import (
     Array,
     Dataset,
@@ -33,9 +30,20 @@ from calling_score_opt.data import (
     split_dataset,
 )
 from calling_score_opt.errors import ConfigError, CsoError
+from calling_score_opt.results import (
+    RESULTS_FILENAME,
+    ResultsError,
+    check_mergeable,
+    data_section,
+    document,
+    read_results,
+    study_section,
+    write_results,
+)
 from calling_score_opt.space import BASELINE_NAME, VARIANTS, Variant, grid_distributions
 from calling_score_opt.stats import Improvement, paired_bootstrap_improvement
 from calling_score_opt.study import (
+    BASELINE_ATTR,
     StudyLocation,
     artifact_store,
     beating,
@@ -52,9 +60,6 @@ from calling_score_opt.study import (
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
-
-RESULTS_FILENAME = "optimization_results.json"
-RESULTS_SCHEMA = 1
 
 
 def onnx_filename(variant: str) -> str:
@@ -297,13 +302,12 @@ def _identity(settings: GridSettings, dataset: Dataset) -> dict[str, Any]:
 def _trial_attrs(outcome: RunOutcome) -> dict[str, Any]:
     """What a finished run adds to its trial (variant, repeat and seed were set at the claim).
 
-    The learning curves are two list attributes rather than one intermediate value per epoch:
-    Optuna writes each of those separately, and they made storage the grid's largest overhead.
+    The learning curves go to an artifact (see :func:`study.store_learning_curve`), not one
+    intermediate value per epoch: Optuna writes each of those separately, and they made storage
+    the grid's largest overhead.
     """
     attrs: dict[str, Any] = {"error": outcome.error} if outcome.error is not None else {}
     attrs.update(outcome.metrics)
-    attrs["train_losses"] = [round(h[1], 8) for h in outcome.history]
-    attrs["val_losses"] = [h[2] for h in outcome.history]
     return attrs
 
 
@@ -448,14 +452,8 @@ def _summary(
 
 
 def _bootstrap_dict(improvement: Improvement, best_is_baseline: bool) -> dict[str, Any]:
-    verdict = "the baseline itself is the best variant" if best_is_baseline else improvement.verdict
-    return {
-        "test_mse_improvement_pct": improvement.percent,
-        "ci95_pct": [improvement.ci_low, improvement.ci_high],
-        "resamples": improvement.resamples,
-        "method": "paired bootstrap over test records, exported models",
-        "verdict": verdict,
-    }
+    verdict = "the baseline itself is the best variant" if best_is_baseline else None
+    return improvement.to_dict(verdict)
 
 
 class _StudyView:
@@ -554,8 +552,8 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     by_name = {v.name: v for v in settings.variants}
     runs = [(v.name, r) for v in settings.variants for r in range(settings.repeats)]
     runs.sort(key=lambda run: -_run_cost(by_name[run[0]], len(split.y_train)))  # longest first
-    existing = study.get_trials(deepcopy=False)
-    first_new = max((t.number for t in existing), default=-1) + 1
+    held = study.get_trials(deepcopy=False)
+    first_new = max((t.number for t in held), default=-1) + 1
     view = _StudyView(study, by_name, settings.repeats, first_new)
     view.refresh()
     resumed = len(view.complete_runs())
@@ -595,6 +593,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                                 "variant": name,
                                 "repeat": repeat,
                                 "seed": settings.seed + repeat,
+                                **({BASELINE_ATTR: True} if name == BASELINE_NAME else {}),
                             },
                         ),
                     )
@@ -687,9 +686,9 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                             trial_id,
                             value=run.metrics.get("val_loss"),
                             user_attrs=_trial_attrs(run),
-                            intermediate_values={},
                             artifact_store=store,
                             checkpoint=run.checkpoint,
+                            history=run.history,
                         )
                     except UpdateFinishedTrialError:
                         # This process stalled past the grace period and another worker failed
@@ -725,31 +724,33 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
         "runs_resumed": resumed,
         "jobs": settings.jobs,
     }
-    results = {
-        "schema_version": RESULTS_SCHEMA,
-        "producer": f"cso {__version__}",
-        "data": {
-            "path": str(settings.data_path),
-            "fingerprint": dataset.fingerprint,
-            "records": dataset.n_records,
-            "features": list(dataset.feature_names),
-            "split": split.sizes,
-            "split_seed": settings.seed,
-        },
-        "study": {
-            "name": settings.study_name,
-            "storage": settings.storage,
-            "artifacts": str(settings.artifacts),
-        },
-        "settings": {
+    results_path = settings.output_dir / RESULTS_FILENAME
+    try:
+        existing = read_results(results_path)
+        check_mergeable(existing, results_path, settings.study_name, dataset.fingerprint)
+    except ResultsError:
+        existing = None  # another study's, or unreadable: the grid's own output replaces it
+    results = document(
+        data_section(settings.data_path, dataset, split),
+        study_section(settings.study_name, settings.storage, settings.artifacts),
+        [*entries, *_kept_entries(existing, by_name)],
+        summary,
+        settings={
             "epochs": settings.epochs,
             "repeats": settings.repeats,
             "device": settings.device,
             "seed": settings.seed,
         },
-        "variants": entries,
-        "summary": summary,
-    }
-    results_path = settings.output_dir / RESULTS_FILENAME
-    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
+    )
+    if existing is not None and "ensemble" in existing["summary"]:
+        results["summary"]["ensemble"] = existing["summary"]["ensemble"]
+    write_results(results_path, results)
     return GridOutcome(results=results, results_path=results_path, dataset=dataset)
+
+
+def _kept_entries(
+    existing: Mapping[str, Any] | None, variants: Mapping[str, Variant]
+) -> list[dict[str, Any]]:
+    """What an earlier ``cso export`` added to the grid's results file (an ensemble, say): the
+    grid rewrites its own variants' entries and keeps these."""
+    return [dict(v) for v in (existing or {}).get("variants", []) if v.get("name") not in variants]

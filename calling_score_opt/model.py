@@ -82,6 +82,37 @@ class CallingScoreModel(nn.Module):
         return out
 
 
+class EnsembleModel(nn.Module):
+    """Several calling-score models as one: the weighted mean of their scores.
+
+    Each member keeps its own scaling (and pair features), so members trained on different
+    settings combine as they are; the weights are positive and sum to 1, so the output stays a
+    score in [0, 1].
+    """
+
+    def __init__(self, members: Sequence[CallingScoreModel], weights: Sequence[float]) -> None:
+        super().__init__()
+        if not members or len(members) != len(weights):
+            raise ValueError("an ensemble needs one weight per member, and at least one member")
+        if len({m.n_inputs for m in members}) != 1:
+            raise ValueError("every member of an ensemble must take the same inputs")
+        if min(weights) <= 0 or abs(sum(weights) - 1.0) > 1e-6:
+            raise ValueError(f"ensemble weights must be positive and sum to 1, got {weights}")
+        self.members = nn.ModuleList(members)
+        self.weights = tuple(float(w) for w in weights)
+
+    @property
+    def n_inputs(self) -> int:
+        first: CallingScoreModel = self.members[0]  # type: ignore[assignment]
+        return first.n_inputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for weight, member in zip(self.weights, self.members, strict=True):
+            total = total + weight * member(x)
+        return total
+
+
 def count_parameters(module: nn.Module) -> int:
     """Trainable weights and biases (13,441 for 39 inputs and hidden sizes [128, 64])."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

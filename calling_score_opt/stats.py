@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,11 +22,25 @@ class Improvement:
 
     @property
     def verdict(self) -> str:
+        return self.verdict_against("the baseline")
+
+    def verdict_against(self, reference: str) -> str:
+        """Better, worse, or within noise of ``reference``, from whether the interval holds 0."""
         if self.ci_low > 0:
-            return "better than the baseline (the 95% interval excludes zero)"
+            return f"better than {reference} (the 95% interval excludes zero)"
         if self.ci_high < 0:
-            return "worse than the baseline (the 95% interval excludes zero)"
+            return f"worse than {reference} (the 95% interval excludes zero)"
         return "within noise (the 95% interval includes zero)"
+
+    def to_dict(self, verdict: str | None = None) -> dict[str, Any]:
+        """As stored in results files: percent, interval, resamples, method and verdict."""
+        return {
+            "test_mse_improvement_pct": self.percent,
+            "ci95_pct": [self.ci_low, self.ci_high],
+            "resamples": self.resamples,
+            "method": "paired bootstrap over test records",
+            "verdict": verdict or self.verdict,
+        }
 
 
 def paired_bootstrap_improvement(

@@ -6,15 +6,28 @@ metrics as user attributes and its weights as an artifact, so export never retra
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calling_score_opt import __version__
-from calling_score_opt.atomic import write_text_atomic
-from calling_score_opt.data import load_dataset, split_dataset
-from calling_score_opt.errors import StudyError
+import numpy as np
+
+from calling_score_opt.data import Array, Dataset, Split, load_dataset, split_dataset
+from calling_score_opt.errors import CsoError, StudyError
+from calling_score_opt.results import RESULTS_FILENAME as RESULTS_FILENAME  # older importers
+from calling_score_opt.results import (
+    best_single,
+    check_mergeable,
+    data_section,
+    document,
+    entry_name,
+    merge_variants,
+    read_results,
+    study_section,
+    write_results,
+)
+from calling_score_opt.stats import F64, paired_bootstrap_improvement
 from calling_score_opt.study import (
     BASELINE_ATTR,
     BASELINE_VARIANT,
@@ -32,7 +45,8 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
-RESULTS_FILENAME = "optimization_results.json"
+    from calling_score_opt.model import CallingScoreModel, EnsembleModel
+    from calling_score_opt.train import TrainConfig
 
 
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
@@ -208,10 +222,117 @@ def select_trials(
     return sorted(complete, key=lambda t: t.values[0])[: top or 1]
 
 
+@dataclass(frozen=True)
+class StudyData:
+    """The data a study was trained on, loaded and split as it was."""
+
+    path: Path
+    dataset: Dataset
+    split: Split
+
+
+def study_data(
+    study: optuna.Study, data_path: Path | None = None, target: str | None = None
+) -> StudyData:
+    """The study's data file (``data_path``, else the one it recorded), checked and split.
+
+    Raises:
+        StudyError: no data file is known or it is missing, or it is not the study's data.
+    """
+    attrs = study.user_attrs
+    path = data_path or (Path(attrs["data_path"]) if "data_path" in attrs else None)
+    if path is None:
+        raise StudyError("the study does not record its data file; pass --data-path")
+    if not path.exists():
+        raise StudyError(
+            f"{path}: the study's data file is missing; pass --data-path to the same data"
+        )
+    dataset = load_dataset(path, target)
+    if dataset.fingerprint != attrs.get("data_fingerprint"):
+        raise StudyError(
+            f"{path}: is not the data study '{study.study_name}' was trained on "
+            "(fingerprints differ); pass --data-path to that file"
+        )
+    return StudyData(path, dataset, split_dataset(dataset, int(attrs.get("split_seed", 0))))
+
+
+def trial_model(
+    store: FileSystemArtifactStore, study: optuna.Study, trial: FrozenTrial
+) -> tuple[CallingScoreModel, TrainConfig]:
+    """The stored model of a complete trial (eval mode) and its configuration."""
+    from calling_score_opt.train import load_checkpoint
+
+    model, config, _ = load_checkpoint(read_checkpoint(store, storage_of(study), trial))
+    return model, config
+
+
+def predict(model: CallingScoreModel | EnsembleModel, x: Array) -> F64:
+    """Scores of raw features ``x`` as float64 (for losses and paired comparisons)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+    scores: F64 = out.astype(np.float64)
+    return scores
+
+
+def compare_on_test(
+    reference: F64, candidate: F64, y_test: Array, reference_name: str
+) -> dict[str, Any]:
+    """The candidate's test-MSE gain over the reference, with its 95% paired-bootstrap interval
+    (both judged on the same test records) and a verdict."""
+    y = y_test.astype(np.float64)
+    improvement = paired_bootstrap_improvement((reference - y) ** 2, (candidate - y) ** 2)
+    return improvement.to_dict(improvement.verdict_against(reference_name))
+
+
+@dataclass(frozen=True)
+class BaselineComparison:
+    """How the best trial does against the baseline on the test split."""
+
+    best: FrozenTrial
+    baseline: FrozenTrial | None
+    bootstrap: dict[str, Any] | None  # None: no baseline, the best is the baseline, or no data
+    note: str | None = None  # why there is no interval
+
+
+def compare_best_with_baseline(
+    study: optuna.Study,
+    store: FileSystemArtifactStore,
+    data_path: Path | None = None,
+    target: str | None = None,
+) -> BaselineComparison:
+    """The best trial (lowest validation loss) against the study's baseline on the test split.
+
+    Selection stays on validation; the interval uses only the test split. A missing data file
+    or weights give a note instead of an interval (the comparison is advice, not the job).
+    """
+    best = best_trials(study)[0]
+    baseline = baseline_trial(study)
+    if baseline is None:
+        return BaselineComparison(best, None, None, "the study holds no complete baseline trial")
+    if baseline.number == best.number:
+        return BaselineComparison(best, baseline, None, "the baseline itself is the best trial")
+    try:
+        data = study_data(study, data_path, target)
+        best_model, _ = trial_model(store, study, best)
+        base_model, _ = trial_model(store, study, baseline)
+    except CsoError as exc:
+        return BaselineComparison(best, baseline, None, f"no interval: {exc}")
+    x_test = data.split.x_test
+    bootstrap = compare_on_test(
+        predict(base_model, x_test), predict(best_model, x_test), data.split.y_test, "the baseline"
+    )
+    return BaselineComparison(best, baseline, bootstrap)
+
+
 @dataclass
 class ExportedTrials:
+    """The results document after an export, where it was written, and this export's entries."""
+
     results: dict[str, Any]
     results_path: Path
+    entries: list[dict[str, Any]]
 
 
 def export_trials(
@@ -233,35 +354,22 @@ def export_trials(
         ExportError: an export breaks the contract or fails parity.
     """
     from calling_score_opt.export import export_onnx, model_metadata
-    from calling_score_opt.train import load_checkpoint
 
-    attrs = study.user_attrs
-    path = data_path or (Path(attrs["data_path"]) if "data_path" in attrs else None)
-    if path is None:
-        raise StudyError("the study does not record its data file; pass --data-path")
-    if not path.exists():
-        raise StudyError(
-            f"{path}: the study's data file is missing; the parity check needs its test split: "
-            "pass --data-path to the same data"
-        )
-    dataset = load_dataset(path, target)
-    if dataset.fingerprint != attrs.get("data_fingerprint"):
-        raise StudyError(
-            f"{path}: is not the data study '{study.study_name}' was trained on "
-            "(fingerprints differ); pass --data-path to that file"
-        )
-    split = split_dataset(dataset, int(attrs.get("split_seed", 0)))
+    data = study_data(study, data_path, target)
+    dataset, split = data.dataset, data.split
+    results_path = output_dir / RESULTS_FILENAME
+    existing = read_results(results_path)
+    check_mergeable(existing, results_path, study.study_name, dataset.fingerprint)
     store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
     store = artifact_store(store_dir)
-    storage = storage_of(study)
     entries: list[dict[str, Any]] = []
     names = [trial_name(t) for t in trials]
     for trial in trials:
-        checkpoint = read_checkpoint(store, storage, trial)
-        model, config, _ = load_checkpoint(checkpoint)
+        model, config = trial_model(store, study, trial)
         name = trial_name(trial)
         if names.count(name) > 1:  # several runs (repeats) of one grid variant: keep them apart
             name = f"{name}_trial_{trial.number}"
+        name = entry_name(existing, name, trial.number)
         onnx_path = output_dir / f"calling_score_model_{name}.onnx"
         metadata = model_metadata(
             name,
@@ -299,29 +407,36 @@ def export_trials(
                 "values": list(trial.values),
             }
         )
-    ranked = sorted(entries, key=lambda e: e["val_loss"])
-    for rank, entry in enumerate(ranked, start=1):
-        entry["rank"] = rank
-    results = {
-        "schema_version": 1,
-        "producer": f"cso {__version__}",
-        "data": {
-            "path": str(path),
-            "fingerprint": dataset.fingerprint,
-            "records": dataset.n_records,
-            "features": list(dataset.feature_names),
-            "split": split.sizes,
-            "split_seed": split.seed,
-        },
-        "study": {"name": study.study_name, "storage": storage_url, "artifacts": str(store_dir)},
-        "variants": entries,
-        "summary": {
-            "ranked_by": "val_loss",
-            "best_variant": ranked[0]["name"],
-            "exported": len(entries),
-            "irreducible_mse": dataset.irreducible_mse,
-        },
-    }
-    results_path = output_dir / RESULTS_FILENAME
-    write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
-    return ExportedTrials(results=results, results_path=results_path)
+    results = merged_results(existing, study, storage_url, store_dir, data, entries)
+    write_results(results_path, results)
+    return ExportedTrials(results=results, results_path=results_path, entries=entries)
+
+
+def merged_results(
+    existing: dict[str, Any] | None,
+    study: optuna.Study,
+    storage_url: str,
+    store_dir: Path,
+    data: StudyData,
+    entries: list[dict[str, Any]],
+    summary: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The output folder's results document with ``entries`` (and ``summary`` keys) merged in."""
+    variants = merge_variants(existing, entries)
+    best = best_single(variants)
+    merged_summary: dict[str, Any] = dict((existing or {}).get("summary", {}))
+    merged_summary.update(
+        ranked_by="val_loss",
+        best_variant=best["name"] if best else None,
+        exported=len(variants),
+        irreducible_mse=data.dataset.irreducible_mse,
+        **(summary or {}),
+    )
+    extra = {k: v for k, v in (existing or {}).items() if k == "settings"}
+    return document(
+        data_section(data.path, data.dataset, data.split),
+        study_section(study.study_name, storage_url, store_dir),
+        variants,
+        merged_summary,
+        **extra,
+    )

@@ -28,6 +28,8 @@ from calling_score_opt.grid import (
     run_grid,
 )
 from calling_score_opt.space import VARIANTS, grid_distributions
+from calling_score_opt.study import BASELINE_ATTR, artifact_store, open_storage
+from calling_score_opt.trials import learning_curve
 
 EPOCHS = 2
 ENTRY_FIELDS = {
@@ -223,6 +225,8 @@ def test_each_run_is_a_trial_with_params_attrs_and_per_epoch_values(
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     entries = by_name(full_grid)
     distributions = grid_distributions()
+    storage = open_storage(full_settings.storage)
+    store = artifact_store(full_settings.artifacts)
     for variant in VARIANTS:
         (trial,) = [t for t in trials if t.user_attrs["variant"] == variant.name]
         entry = entries[variant.name]
@@ -235,11 +239,16 @@ def test_each_run_is_a_trial_with_params_attrs_and_per_epoch_values(
         assert trial.user_attrs["best_epoch"] == entry["best_epoch"]
         assert trial.user_attrs["parameters"] == entry["parameters"]
         assert (trial.user_attrs["repeat"], trial.user_attrs["seed"]) == (0, 0)
-        assert len(trial.user_attrs["train_losses"]) == entry["epochs_run"]
+        assert trial.user_attrs.get(BASELINE_ATTR) is (True if variant is VARIANTS[0] else None)
         assert entry["trial_numbers"] == [trial.number]
-        # the learning curve: one validation loss per epoch, as a list attribute
-        val_losses = trial.user_attrs["val_losses"]
-        assert len(val_losses) == entry["epochs_run"]
+        # the learning curve: one train and validation loss per epoch, as an artifact
+        assert "val_losses" not in trial.user_attrs  # not in the attributes `optuna trials` shows
+        assert trial.intermediate_values == {}  # one storage write per epoch is too slow
+        curve = learning_curve(trial, storage, store)
+        assert curve is not None
+        assert curve.epoch == tuple(range(1, entry["epochs_run"] + 1))
+        assert len(curve.train_loss) == entry["epochs_run"]
+        val_losses = curve.val_loss
         assert val_losses[entry["best_epoch"] - 1] == min(val_losses)
         assert entry["val_loss"] == pytest.approx(min(val_losses), abs=1e-6)
 
@@ -252,7 +261,8 @@ def test_study_remembers_data_and_settings(
     assert attrs["data_fingerprint"] == full_grid.results["data"]["fingerprint"]
     assert attrs["epochs"] == EPOCHS
     assert attrs["split_seed"] == 0
-    assert attrs["feature_names"] == list(FEATURE_NAMES)
+    assert "feature_names" not in attrs  # 39 names would fill `optuna studies`; the fingerprint
+    assert study.metric_names == ["val_loss"]  # optuna-dashboard names the objective
 
 
 def test_onnx_metadata_describes_the_variant(full_grid: GridOutcome) -> None:

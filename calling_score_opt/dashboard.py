@@ -17,7 +17,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from calling_score_opt.errors import ConfigError
-from calling_score_opt.study import default_artifact_dir
+from calling_score_opt.study import default_artifact_dir, storage_of
 from calling_score_opt.trials import load_study
 
 
@@ -72,7 +72,7 @@ def open_dashboard(
     from optuna.artifacts import FileSystemArtifactStore
 
     study = load_study(storage_url, study_name)
-    storage = study._storage  # public on Trial, private on Study; the dashboard needs it
+    storage = storage_of(study)
     if artifact_dir is not None and not artifact_dir.is_dir():
         raise ConfigError(f"--artifacts {artifact_dir}: no such folder")
     folder = artifact_dir or default_artifact_dir(storage_url, study_name)

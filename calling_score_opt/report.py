@@ -1,14 +1,17 @@
 """``cso report``: one self-contained HTML page that shows a study, plot by plot.
 
-Every plot is computed by a pure ``_collect_<plot>_info()`` that returns plain numbers (a frozen
-dataclass) and drawn by ``_draw_<plot>()`` with plotly, so tests check the numbers and a browser
-checks the drawing. The page embeds plotly.js: it opens offline, from a file or an attachment.
+What Optuna draws (optimization history, importances, parallel coordinates, slices, the Pareto
+front) comes from ``optuna.visualization``, so the report and optuna-dashboard show the same
+pictures. cso draws only what Optuna cannot: the grid's variants against the baseline with
+paired-bootstrap intervals, the train and validation learning curves, and the ensemble built
+from the study. Each of those has a pure ``_collect_<plot>_info()`` that returns plain numbers,
+so tests check the numbers and a browser checks the drawing. The page embeds plotly.js: it
+opens offline, from a file or an attachment.
 """
 
 from __future__ import annotations
 
 import html
-import itertools
 import math
 import statistics
 import warnings
@@ -22,43 +25,42 @@ import numpy.typing as npt
 
 from calling_score_opt import __version__
 from calling_score_opt.atomic import write_text_atomic
-from calling_score_opt.errors import CsoError, StudyError
+from calling_score_opt.errors import ConfigError, CsoError, StudyError
 from calling_score_opt.stats import paired_bootstrap_improvement
-from calling_score_opt.trials import trial_name
+from calling_score_opt.study import ENSEMBLE_STEM, redact_url, storage_of
+from calling_score_opt.trials import baseline_trial, is_baseline, learning_curve, trial_name
 
 if TYPE_CHECKING:
     import optuna
     import plotly.graph_objects as go  # type: ignore[import-untyped]
+    from optuna.artifacts import FileSystemArtifactStore
     from optuna.trial import FrozenTrial
 
 F64 = npt.NDArray[np.float64]
 
-BASELINE_VARIANT = "v1_0_baseline"  # space.BASELINE_NAME, without importing torch with it
-TOP_TRIALS = 5  # rows of the summary table for a single-objective study
+TOP_TRIALS = 5  # trial rows of the summary table for a single-objective study
 BOOTSTRAP_RESAMPLES = 2000  # as the grid's own summary
-OBJECTIVE_LABELS = {
-    "val_loss": "validation loss (MSE)",
-    "params": "parameters",
-    "latency": "latency (ms)",
-}
+IMPORTANCE_METHOD = "PED-ANOVA, as optuna-dashboard"
+ENSEMBLE_SCHEMA = "cso-ensemble/1"
 
 
-# --- the numbers behind each plot --------------------------------------------------------------
+# --- the numbers behind cso's own plots and the summary ----------------------------------------
 
 
 @dataclass(frozen=True)
 class SummaryRow:
-    """One line of the summary table: a best trial or the baseline."""
+    """One line of the summary table: a trial (ranked), the baseline, or the ensemble."""
 
-    number: int
+    rank: int | None  # by validation loss among the complete trials; None: the ensemble
+    role: str  # "best", "baseline", "best, baseline", "Pareto front", "ensemble" or ""
+    number: int | None
     name: str
-    role: str  # "best", "Pareto front", "baseline" or "best, baseline"
-    values: tuple[float, ...]
+    values: tuple[float, ...]  # the objectives beyond the first are columns of their own
     val_loss: float | None
     test_loss: float | None
     test_vs_baseline_pct: float | None  # (baseline test - test) / baseline test * 100
     epochs: int | None
-    params: dict[str, Any]
+    params: str  # "name=value, ..." (the ensemble: its members and weights)
 
 
 @dataclass(frozen=True)
@@ -68,68 +70,20 @@ class SummaryInfo:
     objectives: tuple[str, ...]
     counts: dict[str, int]  # trials per state, e.g. {"COMPLETE": 7, "PRUNED": 1}
     data_path: str | None
-    rows: tuple[SummaryRow, ...]  # the best first; the baseline last unless it is among them
-
-
-@dataclass(frozen=True)
-class HistoryInfo:
-    objective: str
-    numbers: tuple[int, ...]  # complete trials, in order
-    values: tuple[float, ...]
-    best_so_far: tuple[float, ...]
-    baseline_number: int | None
-
-
-@dataclass(frozen=True)
-class ImportanceInfo:
-    importances: dict[str, float]  # parameter -> share, largest first; empty with a note
-    method: str
-    note: str | None = None  # why there are none
-    caveats: tuple[str, ...] = ()  # the evaluator's own warnings, e.g. too few trials somewhere
-    constant: tuple[str, ...] = ()  # parameters with one value in every trial: left out
-
-
-@dataclass(frozen=True)
-class ParamAxis:
-    """One hyperparameter's values over some trials, and how to lay it out on an axis."""
-
-    name: str
-    values: tuple[float | str, ...]  # categorical: the choice's label; else the number
-    choices: tuple[str, ...] | None  # categorical: every label, in the distribution's order
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class ParallelInfo:
-    objective: str
-    numbers: tuple[int, ...]
-    objective_values: tuple[float, ...]
-    axes: tuple[ParamAxis, ...]  # parameters every complete trial has
-    omitted: tuple[str, ...]  # conditional parameters (not in every trial)
-
-
-@dataclass(frozen=True)
-class SlicePanel:
-    axis: ParamAxis
-    numbers: tuple[int, ...]  # the complete trials that have this parameter
-    objective_values: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class SliceInfo:
-    objective: str
-    panels: tuple[SlicePanel, ...]
+    rows: tuple[SummaryRow, ...]  # ranked trials, then the baseline, then the ensemble
 
 
 @dataclass(frozen=True)
 class Curve:
-    """Validation loss per epoch of one trial."""
+    """Losses per epoch of one trial (train empty where the trial kept none)."""
 
     number: int
     name: str
     state: str  # COMPLETE or PRUNED
     epochs: tuple[int, ...]
     val_losses: tuple[float, ...]
+    train_epochs: tuple[int, ...]
+    train_losses: tuple[float, ...]
     baseline: bool
     pruned_at_epoch: int | None
 
@@ -138,16 +92,6 @@ class Curve:
 class LearningCurvesInfo:
     curves: tuple[Curve, ...]
     max_epochs: int | None  # the study's epoch budget, so a cut-short curve looks short
-
-
-@dataclass(frozen=True)
-class ParetoInfo:
-    objectives: tuple[str, str]
-    numbers: tuple[int, ...]  # every complete trial
-    x: tuple[float, ...]
-    y: tuple[float, ...]
-    front: tuple[int, ...]  # trial numbers on the front, in order of the first objective
-    baseline_number: int | None
 
 
 @dataclass(frozen=True)
@@ -182,6 +126,45 @@ class VariantErrors:
     note: str | None = None
 
 
+@dataclass(frozen=True)
+class EnsembleMember:
+    trial: int
+    name: str
+    weight: float
+    picks: int
+    val_loss: float | None
+    test_loss: float | None
+
+
+@dataclass(frozen=True)
+class Gain:
+    """The ensemble's test-MSE improvement on a reference trial, with its 95% interval."""
+
+    against: str  # "best single trial (trial_12)", "baseline (trial_0)"
+    percent: float
+    ci95_pct: tuple[float, float]
+    resamples: int
+
+    @property
+    def verdict(self) -> str:
+        if self.ci95_pct[0] > 0:
+            return "better (the 95% interval excludes zero)"
+        if self.ci95_pct[1] < 0:
+            return "worse (the 95% interval excludes zero)"
+        return "within noise (the 95% interval includes zero)"
+
+
+@dataclass(frozen=True)
+class EnsembleInfo:
+    members: tuple[EnsembleMember, ...]  # heaviest first
+    selection: tuple[tuple[int, int, float], ...]  # (pick, trial picked, ensemble val loss)
+    val_loss: float
+    test_loss: float
+    best_single: tuple[str, float]  # name, val loss: the selection curve's reference line
+    gains: tuple[Gain, ...]  # over the best single trial, then over the baseline (if known)
+    about: str  # how it was built and where it was exported: a line under the plot
+
+
 # --- collecting ---------------------------------------------------------------------------
 
 
@@ -192,31 +175,17 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return sorted(trials, key=lambda t: t.number)
 
 
-def _objectives(study: optuna.Study) -> tuple[str, ...]:
+def objective_names(study: optuna.Study) -> tuple[str, ...]:
+    """Optuna's metric names when set, else cso's ``objectives`` study attribute."""
+    n = len(study.directions)
+    if study.metric_names is not None and len(study.metric_names) == n:
+        return tuple(study.metric_names)
     names = tuple(str(study.user_attrs.get("objectives", "val_loss")).split(","))
-    if len(names) != len(study.directions):
-        names = tuple(f"objective {i}" for i in range(len(study.directions)))
-    return names
-
-
-def _label(objective: str) -> str:
-    return OBJECTIVE_LABELS.get(objective, objective)
+    return names if len(names) == n else tuple(f"objective {i}" for i in range(n))
 
 
 def _is_grid(study: optuna.Study) -> bool:
     return study.user_attrs.get("kind") == "grid"
-
-
-def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The grid's baseline run with the lowest validation loss, or a search's trial 0."""
-    complete = _complete(study)
-    if _is_grid(study):
-        runs = [t for t in complete if t.user_attrs.get("variant") == BASELINE_VARIANT]
-        return min(runs, key=lambda t: t.values[0]) if runs else None
-    if "baseline_trial" not in study.user_attrs:
-        return None  # not a study cso made: no trial is known to be a baseline
-    number = study.user_attrs["baseline_trial"]
-    return next((t for t in complete if t.number == number), None)
 
 
 def _require_complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -236,254 +205,132 @@ def _require_complete(study: optuna.Study) -> list[FrozenTrial]:
     return complete
 
 
-def _collect_summary_info(study: optuna.Study) -> SummaryInfo:
+def _params_text(params: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _collect_summary_info(study: optuna.Study, ensemble: EnsembleInfo | None = None) -> SummaryInfo:
+    """The top trials (or the Pareto front), each with its rank; the baseline; the ensemble.
+
+    Only the trial with the lowest validation loss is called best: the others are ranked.
+    """
     from calling_score_opt.trials import best_trials, trial_row
 
     counts: dict[str, int] = {}
     for trial in study.get_trials(deepcopy=False):
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     complete = _require_complete(study)
+    ranked = sorted(complete, key=lambda t: (t.values[0], t.number))
+    rank = {t.number: i for i, t in enumerate(ranked, start=1)}
     multi = len(study.directions) > 1
-    best = best_trials(study) if multi else sorted(complete, key=lambda t: t.values[0])[:TOP_TRIALS]
+    shown = best_trials(study) if multi else ranked[:TOP_TRIALS]
     baseline = baseline_trial(study)
     base_test = baseline.user_attrs.get("test_loss") if baseline is not None else None
 
-    def is_base(trial: FrozenTrial) -> bool:
-        return baseline is not None and trial.number == baseline.number
+    def vs_baseline(test: float | None, own: bool) -> float | None:
+        if not base_test or test is None or own:
+            return None
+        return float((base_test - test) / base_test * 100)
 
-    def row(trial: FrozenTrial, role: str) -> SummaryRow:
+    front = {t.number for t in shown} if multi else set()
+
+    def row(trial: FrozenTrial) -> SummaryRow:
         line = trial_row(trial)
-        test = line["test_loss"]
-        vs_baseline = (
-            (base_test - test) / base_test * 100
-            if base_test and test is not None and not is_base(trial)
-            else None
-        )
+        own = baseline is not None and trial.number == baseline.number
+        roles = [
+            "Pareto front" if trial.number in front else "",
+            "best" if not multi and rank[trial.number] == 1 else "",
+            "baseline" if own else "",
+        ]
         return SummaryRow(
+            rank=rank[trial.number],
+            role=", ".join(r for r in roles if r),
             number=trial.number,
             name=line["name"],
-            role=role,
             values=tuple(trial.values),
             val_loss=line["val_loss"],
-            test_loss=test,
-            test_vs_baseline_pct=vs_baseline,
+            test_loss=line["test_loss"],
+            test_vs_baseline_pct=vs_baseline(line["test_loss"], own),
             epochs=line["epochs"],
-            params=line["params"],
+            params=_params_text(line["params"]),
         )
 
-    role = "Pareto front" if multi else "best"
-    rows = [row(t, f"{role}, baseline" if is_base(t) else role) for t in best]
-    if baseline is not None and not any(is_base(t) for t in best):
-        rows.append(row(baseline, "baseline"))
+    rows = [row(t) for t in shown]
+    if baseline is not None and all(t.number != baseline.number for t in shown):
+        rows.append(row(baseline))
+    if ensemble is not None:
+        members = ", ".join(f"{m.name} {m.weight:.2f}" for m in ensemble.members)
+        rows.append(
+            SummaryRow(
+                rank=None,
+                role="ensemble",
+                number=None,
+                name=f"ensemble of {len(ensemble.members)} trials",
+                values=(),
+                val_loss=ensemble.val_loss,
+                test_loss=ensemble.test_loss,
+                test_vs_baseline_pct=vs_baseline(ensemble.test_loss, False),
+                epochs=None,
+                params=f"weights: {members}",
+            )
+        )
     return SummaryInfo(
         study_name=study.study_name,
         kind=str(study.user_attrs.get("kind", "unknown")),
-        objectives=_objectives(study),
+        objectives=objective_names(study),
         counts=counts,
         data_path=study.user_attrs.get("data_path"),
         rows=tuple(rows),
     )
 
 
-def _collect_history_info(study: optuna.Study) -> HistoryInfo:
-    complete = _require_complete(study)
-    values = [t.values[0] for t in complete]
-    best_so_far = list(itertools.accumulate(values, min))
-    baseline = baseline_trial(study)
-    return HistoryInfo(
-        objective=_objectives(study)[0],
-        numbers=tuple(t.number for t in complete),
-        values=tuple(values),
-        best_so_far=tuple(best_so_far),
-        baseline_number=baseline.number if baseline is not None else None,
-    )
+def _collect_learning_curves_info(
+    study: optuna.Study, store: FileSystemArtifactStore | None = None
+) -> LearningCurvesInfo:
+    """Every complete and pruned trial's train and validation loss per epoch.
 
-
-IMPORTANCE_METHOD = "PED-ANOVA (as optuna-dashboard)"
-
-
-def _collect_importance_info(study: optuna.Study) -> ImportanceInfo:
-    """Importances of the parameters for the first objective (validation loss).
-
-    PED-ANOVA needs no extra library (fANOVA needs scikit-learn) and has no randomness, and it
-    is what ``cso dashboard`` shows, so the two agree.
+    Read with :func:`calling_score_opt.trials.learning_curve`: the learning_curve.json artifact
+    (needs ``store``), else what older studies kept.
     """
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
-
-    complete = _require_complete(study)
-    names = _param_order(complete)
-    # A parameter no trial changed explains nothing; PED-ANOVA would still give it a share.
-    varying = [n for n in names if len({repr(t.params.get(n)) for t in complete}) > 1]
-    constant = tuple(n for n in names if n not in varying)
-    if len(complete) < 2 or not varying:
-        return ImportanceInfo(
-            {},
-            IMPORTANCE_METHOD,
-            f"needs at least 2 complete trials whose parameters differ; the study has "
-            f"{len(complete)} complete trial(s)",
-            constant=constant,
-        )
-    target: Callable[[FrozenTrial], float] | None = None
-    if len(study.directions) > 1:
-        target = _first_value
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            raw = get_param_importances(
-                study,
-                evaluator=PedAnovaImportanceEvaluator(),
-                params=varying,
-                target=target,
-                normalize=True,
-            )
-    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
-        return ImportanceInfo({}, IMPORTANCE_METHOD, f"cannot be computed for this study ({exc})")
-    caveats = tuple(
-        dict.fromkeys(
-            str(w.message)
-            for w in caught
-            # PED-ANOVA's note that it ranks for low target values: validation loss is minimised
-            if not issubclass(w.category, ExperimentalWarning)
-            and "PedAnovaImportanceEvaluator computes" not in str(w.message)
-        )
-    )
-    importances = {k: float(v) for k, v in raw.items() if math.isfinite(v)}
-    if not importances or sum(importances.values()) <= 0:
-        return ImportanceInfo(
-            {},
-            IMPORTANCE_METHOD,
-            "every parameter scored zero: the trials differ too little",
-            caveats,
-            constant,
-        )
-    ordered = dict(sorted(importances.items(), key=lambda kv: (-kv[1], kv[0])))
-    return ImportanceInfo(ordered, IMPORTANCE_METHOD, None, caveats, constant)
-
-
-def _first_value(trial: FrozenTrial) -> float:
-    return float(trial.values[0])
-
-
-def _param_order(trials: Sequence[FrozenTrial]) -> list[str]:
-    order: list[str] = []
-    for trial in trials:
-        order.extend(name for name in trial.params if name not in order)
-    return order
-
-
-def _param_axis(name: str, trials: Sequence[FrozenTrial]) -> ParamAxis:
-    from optuna.distributions import CategoricalDistribution
-
-    distribution = next(t.distributions[name] for t in trials if name in t.distributions)
-    if isinstance(distribution, CategoricalDistribution):
-        return ParamAxis(
-            name=name,
-            values=tuple(str(t.params[name]) for t in trials),
-            choices=tuple(str(c) for c in distribution.choices),
-        )
-    return ParamAxis(
-        name=name,
-        values=tuple(float(t.params[name]) for t in trials),
-        choices=None,
-        log=bool(getattr(distribution, "log", False)),
-    )
-
-
-def _collect_parallel_info(study: optuna.Study) -> ParallelInfo:
-    complete = _require_complete(study)
-    names = _param_order(complete)
-    shared = [n for n in names if all(n in t.params for t in complete)]
-    return ParallelInfo(
-        objective=_objectives(study)[0],
-        numbers=tuple(t.number for t in complete),
-        objective_values=tuple(t.values[0] for t in complete),
-        axes=tuple(_param_axis(name, complete) for name in shared),
-        omitted=tuple(n for n in names if n not in shared),
-    )
-
-
-def _collect_slice_info(study: optuna.Study) -> SliceInfo:
-    complete = _require_complete(study)
-    panels = []
-    for name in _param_order(complete):
-        having = [t for t in complete if name in t.params]
-        panels.append(
-            SlicePanel(
-                axis=_param_axis(name, having),
-                numbers=tuple(t.number for t in having),
-                objective_values=tuple(t.values[0] for t in having),
-            )
-        )
-    return SliceInfo(objective=_objectives(study)[0], panels=tuple(panels))
-
-
-def _collect_learning_curves_info(study: optuna.Study) -> LearningCurvesInfo:
     from optuna.trial import TrialState
 
     baseline = baseline_trial(study)
+    storage = storage_of(study)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     curves = []
     for trial in sorted(trials, key=lambda t: t.number):
-        points = sorted(
-            (step, value) for step, value in _val_losses(trial).items() if math.isfinite(value)
-        )
-        if not points:
+        curve = learning_curve(trial, storage, store)
+        if curve is None:
             continue
-        is_baseline = baseline is not None and (
-            trial.number == baseline.number
-            or (_is_grid(study) and trial.user_attrs.get("variant") == BASELINE_VARIANT)
-        )
+        val = [
+            (e, v) for e, v in zip(curve.epoch, curve.val_loss, strict=False) if math.isfinite(v)
+        ]
+        train = [
+            (e, v) for e, v in zip(curve.epoch, curve.train_loss, strict=False) if math.isfinite(v)
+        ]
+        if not val:
+            continue
         pruned = trial.state == TrialState.PRUNED
         curves.append(
             Curve(
                 number=trial.number,
                 name=trial_name(trial),
                 state=trial.state.name,
-                epochs=tuple(int(s) for s, _ in points),
-                val_losses=tuple(float(v) for _, v in points),
-                baseline=is_baseline,
+                epochs=tuple(e for e, _ in val),
+                val_losses=tuple(v for _, v in val),
+                train_epochs=tuple(e for e, _ in train),
+                train_losses=tuple(v for _, v in train),
+                baseline=is_baseline(trial)
+                or (baseline is not None and trial.number == baseline.number),
                 pruned_at_epoch=(
-                    int(trial.user_attrs.get("pruned_at_epoch", points[-1][0])) if pruned else None
+                    int(trial.user_attrs.get("pruned_at_epoch", val[-1][0])) if pruned else None
                 ),
             )
         )
     epochs = study.user_attrs.get("epochs")
     return LearningCurvesInfo(tuple(curves), int(epochs) if isinstance(epochs, int) else None)
-
-
-def _val_losses(trial: FrozenTrial) -> dict[int, float]:
-    """Validation loss per epoch: the reported values, else a ``val_losses`` list attribute.
-
-    Optuna accepts no reports from a multi-objective trial, so such a study can only keep
-    its curves as an attribute.
-    """
-    if trial.intermediate_values:
-        return dict(trial.intermediate_values)
-    listed = trial.user_attrs.get("val_losses")
-    if isinstance(listed, list):
-        return {epoch: float(v) for epoch, v in enumerate(listed, start=1) if v is not None}
-    return {}
-
-
-def _collect_pareto_info(study: optuna.Study) -> ParetoInfo | None:
-    """Every complete trial's first two objectives and the Pareto front; None: one objective."""
-    if len(study.directions) < 2:
-        return None
-    from calling_score_opt.trials import best_trials
-
-    complete = _require_complete(study)
-    front = sorted(best_trials(study), key=lambda t: (t.values[0], t.values[1]))
-    baseline = baseline_trial(study)
-    names = _objectives(study)
-    return ParetoInfo(
-        objectives=(names[0], names[1]),
-        numbers=tuple(t.number for t in complete),
-        x=tuple(t.values[0] for t in complete),
-        y=tuple(t.values[1] for t in complete),
-        front=tuple(t.number for t in front),
-        baseline_number=baseline.number if baseline is not None else None,
-    )
 
 
 def _variant_order(name: str) -> tuple[int, str]:
@@ -500,6 +347,10 @@ def _grid_runs(study: optuna.Study) -> dict[str, list[FrozenTrial]]:
         if isinstance(variant, str) and "test_loss" in trial.user_attrs:
             runs.setdefault(variant, []).append(trial)
     return {name: runs[name] for name in sorted(runs, key=_variant_order)}
+
+
+def _baseline_variant(runs: Mapping[str, Sequence[FrozenTrial]]) -> str | None:
+    return next((name for name, trials in runs.items() if any(map(is_baseline, trials))), None)
 
 
 def _exported_run(runs: Sequence[FrozenTrial]) -> FrozenTrial:
@@ -524,15 +375,13 @@ def _collect_grid_info(
     if not runs:
         _require_complete(study)
         raise StudyError(f"grid study '{study.study_name}' has no complete run with its losses")
-    baseline_runs = runs.get(BASELINE_VARIANT)
+    base_name = _baseline_variant(runs)
     base_mean_test = (
-        statistics.fmean(t.user_attrs["test_loss"] for t in baseline_runs)
-        if baseline_runs
-        else None
+        statistics.fmean(t.user_attrs["test_loss"] for t in runs[base_name]) if base_name else None
     )
     errors = variant_errors.errors if variant_errors is not None else {}
     seed = variant_errors.seed if variant_errors is not None else 0
-    base_errors = errors.get(BASELINE_VARIANT)
+    base_errors = errors.get(base_name) if base_name else None
     summary_bootstrap = _results_bootstrap(study, grid_results)
     bars = []
     for name, trials in runs.items():
@@ -541,12 +390,9 @@ def _collect_grid_info(
         mean_test = statistics.fmean(test)
         bootstrap_pct: float | None = None
         ci: tuple[float, float] | None = None
-        if name != BASELINE_VARIANT and base_errors is not None and name in errors:
+        if name != base_name and base_errors is not None and name in errors:
             improvement = paired_bootstrap_improvement(
-                base_errors,
-                errors[name],
-                resamples=BOOTSTRAP_RESAMPLES,
-                seed=seed,
+                base_errors, errors[name], resamples=BOOTSTRAP_RESAMPLES, seed=seed
             )
             bootstrap_pct, ci = improvement.percent, (improvement.ci_low, improvement.ci_high)
         elif summary_bootstrap is not None and summary_bootstrap[0] == name:
@@ -554,7 +400,7 @@ def _collect_grid_info(
         bars.append(
             VariantBar(
                 name=name,
-                baseline=name == BASELINE_VARIANT,
+                baseline=name == base_name,
                 repeats=len(trials),
                 val_loss=statistics.fmean(val),
                 test_loss=mean_test,
@@ -562,7 +408,7 @@ def _collect_grid_info(
                 test_loss_std=statistics.stdev(test) if len(test) > 1 else None,
                 improvement_pct=(
                     (base_mean_test - mean_test) / base_mean_test * 100
-                    if base_mean_test and name != BASELINE_VARIANT
+                    if base_mean_test and name != base_name
                     else None
                 ),
                 bootstrap_pct=bootstrap_pct,
@@ -571,8 +417,10 @@ def _collect_grid_info(
         )
     return GridInfo(
         variants=tuple(bars),
-        baseline=BASELINE_VARIANT if baseline_runs else None,
-        interval_note=_interval_note(bars, variant_errors, summary_bootstrap, bool(baseline_runs)),
+        baseline=base_name,
+        interval_note=_interval_note(
+            bars, variant_errors, summary_bootstrap, base_name is not None
+        ),
     )
 
 
@@ -621,10 +469,18 @@ def _interval_note(
     return f"{text} ({reason})" if reason else text
 
 
+def open_store(directory: Path | None) -> FileSystemArtifactStore | None:
+    """The study's artifact store, or None when its folder is missing (never creates it)."""
+    if directory is None or not directory.is_dir():
+        return None
+    from calling_score_opt.study import artifact_store
+
+    return artifact_store(directory)
+
+
 def load_variant_errors(
     study: optuna.Study,
-    storage_url: str,
-    artifact_dir: Path | None = None,
+    artifact_dir: Path | None,
     data_path: Path | None = None,
     target: str | None = None,
 ) -> VariantErrors:
@@ -636,7 +492,7 @@ def load_variant_errors(
     import torch
 
     from calling_score_opt.data import load_dataset, split_dataset
-    from calling_score_opt.study import default_artifact_dir, read_checkpoint
+    from calling_score_opt.study import read_checkpoint
     from calling_score_opt.train import load_checkpoint
 
     attrs = study.user_attrs
@@ -653,12 +509,11 @@ def load_variant_errors(
     if dataset.fingerprint != attrs.get("data_fingerprint"):
         return VariantErrors(seed=seed, note=f"{path} is not the data this study was trained on")
     split = split_dataset(dataset, seed)
-    directory = artifact_dir or default_artifact_dir(storage_url, study.study_name)
-    if not directory.is_dir():
-        return VariantErrors(seed=seed, note=f"the stored weights' folder {directory} is missing")
-    from optuna.artifacts import FileSystemArtifactStore
-
-    store = FileSystemArtifactStore(str(directory))
+    store = open_store(artifact_dir)
+    if store is None:
+        return VariantErrors(
+            seed=seed, note=f"the stored weights' folder {artifact_dir} is missing"
+        )
     y = split.y_test.astype(np.float64).reshape(-1)
     x = torch.from_numpy(split.x_test)
     errors: dict[str, F64] = {}
@@ -666,7 +521,7 @@ def load_variant_errors(
     for name, runs in _grid_runs(study).items():
         try:
             model, _, _ = load_checkpoint(
-                read_checkpoint(store, study._storage, _exported_run(runs))
+                read_checkpoint(store, storage_of(study), _exported_run(runs))
             )
         except CsoError:
             missing.append(name)
@@ -678,7 +533,235 @@ def load_variant_errors(
     return VariantErrors(errors=errors, seed=seed, note=note)
 
 
-# --- drawing ------------------------------------------------------------------------------
+def _collect_ensemble_info(document: Mapping[str, Any]) -> EnsembleInfo:
+    """The ensemble ``cso export --ensemble`` stored with the study, as plain numbers.
+
+    Raises:
+        ValueError: not a ``cso-ensemble/1`` document, or a field is missing or malformed.
+    """
+    if document.get("schema") != ENSEMBLE_SCHEMA:
+        raise ValueError(f"schema {document.get('schema')!r}, this cso reads {ENSEMBLE_SCHEMA}")
+
+    def loss(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    try:
+        members = tuple(
+            EnsembleMember(
+                int(m["trial"]),
+                str(m["name"]),
+                float(m["weight"]),
+                int(m["picks"]),
+                loss(m.get("val_loss")),
+                loss(m.get("test_loss")),
+            )
+            for m in document["members"]
+        )
+        gains = tuple(
+            Gain(
+                f"{against} ({reference['name']})",
+                float(gain["test_mse_improvement_pct"]),
+                (float(gain["ci95_pct"][0]), float(gain["ci95_pct"][1])),
+                int(gain["resamples"]),
+            )
+            for key, against, reference in (
+                ("vs_best_single", "best single trial", document["best_single"]),
+                ("vs_baseline", "baseline", document.get("baseline")),
+            )
+            if (gain := document.get(key)) is not None and reference is not None
+        )
+        exported = document.get("onnx_path")
+        size = document.get("size_bytes")
+        about = f"{document.get('method', 'greedy selection')}; {document.get('rounds')} picks"
+        about += f", built {document.get('created', '')}" if document.get("created") else ""
+        about += f"; exported to {exported}" if exported else ""
+        about += f" ({int(size) / 1024:.1f} KB)" if exported and size is not None else ""
+        return EnsembleInfo(
+            members=members,
+            selection=tuple(
+                (int(s["pick"]), int(s["trial"]), float(s["val_loss"]))
+                for s in document["selection"]
+            ),
+            val_loss=float(document["val_loss"]),
+            test_loss=float(document["test_loss"]),
+            best_single=(
+                str(document["best_single"]["name"]),
+                float(document["best_single"]["val_loss"]),
+            ),
+            gains=gains,
+            about=about,
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_ensemble(
+    study: optuna.Study, store: FileSystemArtifactStore | None, artifact_dir: Path | None
+) -> tuple[EnsembleInfo | None, str | None]:
+    """The newest ensemble built from the study, or why it cannot be shown (None, None: none)."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    from calling_score_opt.study import read_study_json
+
+    if store is None:
+        metas = get_all_artifact_meta(study, storage=storage_of(study))
+        if any(m.filename.startswith(f"{ENSEMBLE_STEM}-") for m in metas):
+            return (
+                None,
+                f"the study has an ensemble, but its artifact folder {artifact_dir} is missing",
+            )
+        return None, None
+    try:
+        document = read_study_json(store, study, ENSEMBLE_STEM)
+    except StudyError as exc:
+        return None, str(exc)
+    if document is None:
+        return None, None
+    try:
+        return _collect_ensemble_info(document), None
+    except ValueError as exc:
+        return None, f"the study's ensemble file cannot be read: {exc}"
+
+
+# --- Optuna's figures ---------------------------------------------------------------------
+
+
+def _varying_params(complete: Sequence[FrozenTrial]) -> tuple[list[str], list[str]]:
+    """(parameters that differ between trials, parameters the same in all): constant ones
+    explain nothing, and would only crowd the importances, parallel coordinates and slices."""
+    order: list[str] = []
+    for trial in complete:
+        order.extend(name for name in trial.params if name not in order)
+    varying = [n for n in order if len({repr(t.params.get(n)) for t in complete}) > 1]
+    return varying, [n for n in order if n not in varying]
+
+
+def _first_value(trial: FrozenTrial) -> float:
+    return float(trial.values[0])
+
+
+def _value_of(index: int) -> Callable[[FrozenTrial], float]:
+    return lambda trial: float(trial.values[index])
+
+
+def _target(study: optuna.Study) -> Callable[[FrozenTrial], float] | None:
+    """Optuna's plots need a target with several objectives: the first, validation loss."""
+    return _first_value if len(study.directions) > 1 else None
+
+
+def _quietly(draw: Callable[[], go.Figure]) -> tuple[go.Figure, tuple[str, ...]]:
+    """Draw with Optuna, keeping its warnings (caveats for the page) off the terminal."""
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig = draw()
+    caveats = tuple(
+        dict.fromkeys(
+            str(w.message)
+            for w in caught
+            # PED-ANOVA's reminder that it ranks for low values: every cso objective is minimised
+            if not issubclass(w.category, ExperimentalWarning)
+            and "PedAnovaImportanceEvaluator computes" not in str(w.message)
+        )
+    )
+    return fig, caveats
+
+
+def _optuna_figure(
+    kind: str, study: optuna.Study, names: Sequence[str], varying: list[str]
+) -> go.Figure:
+    """Optuna's history, parallel coordinates, slices or Pareto front, on the first objective
+    where the plot takes one, with the baseline as a star where a trial is one point."""
+    import plotly.graph_objects as go
+    from optuna import visualization as vis
+
+    first: dict[str, Any] = {"target": _target(study), "target_name": names[0]}
+    draw: Callable[[], go.Figure] = {
+        "history": lambda: vis.plot_optimization_history(study, **first),
+        "parallel": lambda: vis.plot_parallel_coordinate(study, params=varying, **first),
+        "slices": lambda: vis.plot_slice(study, params=varying, **first),
+        "pareto": lambda: vis.plot_pareto_front(study, target_names=list(names)),
+    }[kind]
+    fig, _ = _quietly(draw)
+    baseline = baseline_trial(study)
+    star = None
+    if baseline is not None and kind == "history":
+        star = (baseline.number, baseline.values[0])
+        values = [t.values[0] for t in _complete(study)]
+        fig.update_layout(yaxis_type="log" if _wide(values) else "linear", xaxis_title="trial")
+    elif baseline is not None and kind == "pareto" and len(names) == 2:
+        star = (baseline.values[0], baseline.values[1])
+    if baseline is not None and star is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[star[0]],
+                y=[star[1]],
+                mode="markers+text",
+                name="baseline",
+                text=["baseline"],
+                textposition="top right",
+                showlegend=False,  # labelled in place: the Pareto plot's corner holds colour bars
+                marker={"color": _BASELINE_COLOR, "symbol": "star", "size": 15},
+                hovertemplate=f"baseline (trial {baseline.number})<br>%{{x}}, %{{y:.5g}}"
+                "<extra></extra>",
+            )
+        )
+    if kind == "slices":
+        fig.update_layout(height=420)
+    return fig
+
+
+def _importance_figure(
+    study: optuna.Study, names: Sequence[str], varying: list[str]
+) -> tuple[go.Figure | str, tuple[str, ...]]:
+    """One bar per parameter and objective (Optuna's), labelled with the objectives' names."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.visualization import plot_param_importances
+
+    complete = _complete(study)
+    if len(complete) < 2 or not varying:
+        return (
+            f"needs at least 2 complete trials whose parameters differ; the study has "
+            f"{len(complete)} complete trial(s)",
+            (),
+        )
+
+    def draw() -> go.Figure:
+        fig: go.Figure | None = None
+        for index, name in enumerate(names):
+            part = plot_param_importances(
+                study,
+                evaluator=PedAnovaImportanceEvaluator(),
+                params=varying,
+                target=_value_of(index) if len(names) > 1 else None,
+                target_name=name,
+            )
+            for trace in part.data:
+                trace.name = name
+            if fig is None:
+                fig = part
+            else:
+                fig.add_traces(part.data)
+        assert fig is not None
+        return fig
+
+    try:
+        fig, caveats = _quietly(draw)
+    except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+        return f"cannot be computed for this study ({exc})", ()
+    shares = [float(x) for trace in fig.data for x in trace.x]
+    if not shares or not all(math.isfinite(x) for x in shares) or sum(shares) <= 0:
+        return "every parameter scored zero: the trials differ too little", caveats
+    fig.update_layout(
+        showlegend=len(names) > 1,
+        xaxis_title=f"importance ({IMPORTANCE_METHOD})",
+        height=max(300, 80 + 28 * len(varying) * len(names)),
+    )
+    return fig, caveats
+
+
+# --- cso's own drawings -------------------------------------------------------------------
 
 _TEMPLATE = "plotly_white"
 _BASELINE_COLOR = "#222222"
@@ -691,176 +774,6 @@ def _wide(values: Sequence[float]) -> bool:
     return len(positive) == len(values) > 1 and max(positive) / min(positive) > 10
 
 
-def _integer_step(largest: float) -> int:
-    """A tick step for an axis of whole numbers (trials, epochs): no ticks between them."""
-    return max(1, math.ceil(largest / 12))
-
-
-def _draw_history(info: HistoryInfo) -> go.Figure:
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=info.numbers,
-            y=info.values,
-            mode="markers",
-            name="trial",
-            marker={"color": _COLORS["val"], "size": 8},
-            hovertemplate="trial %{x}<br>%{y:.5g}<extra></extra>",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=info.numbers,
-            y=info.best_so_far,
-            mode="lines",
-            name="best so far",
-            line={"color": _COLORS["test"], "shape": "hv"},
-        )
-    )
-    if info.baseline_number is not None:
-        index = info.numbers.index(info.baseline_number)
-        fig.add_trace(
-            go.Scatter(
-                x=[info.baseline_number],
-                y=[info.values[index]],
-                mode="markers",
-                name="baseline",
-                marker={"color": _BASELINE_COLOR, "symbol": "star", "size": 14},
-            )
-        )
-    fig.update_xaxes(dtick=_integer_step(max(info.numbers)))
-    fig.update_layout(
-        xaxis_title="trial",
-        yaxis_title=_label(info.objective),
-        yaxis_type="log" if _wide(info.values) else "linear",
-    )
-    return fig
-
-
-def _draw_importances(info: ImportanceInfo) -> go.Figure:
-    import plotly.graph_objects as go
-
-    names = list(info.importances)[::-1]  # largest on top
-    fig = go.Figure(
-        go.Bar(
-            x=[info.importances[n] for n in names],
-            y=names,
-            orientation="h",
-            marker_color=_COLORS["val"],
-            text=[f"{info.importances[n]:.2f}" for n in names],
-            textposition="outside",
-            hovertemplate="%{y}: %{x:.3f}<extra></extra>",
-        )
-    )
-    fig.update_layout(
-        xaxis_title=f"importance for the validation loss ({info.method})",
-        xaxis_range=[0, max(info.importances.values()) * 1.15],
-        height=max(260, 60 + 40 * len(names)),
-    )
-    return fig
-
-
-def _axis_dimension(axis: ParamAxis) -> dict[str, Any]:
-    """A parcoords dimension: categories as positions, log parameters on a log10 scale."""
-    if axis.choices is not None:
-        positions = [axis.choices.index(str(v)) for v in axis.values]
-        return {
-            "label": axis.name,
-            "values": positions,
-            "tickvals": list(range(len(axis.choices))),
-            "ticktext": list(axis.choices),
-            "range": [0, max(len(axis.choices) - 1, 1)],
-        }
-    numbers = [float(v) for v in axis.values]
-    if axis.log and min(numbers) > 0:
-        logs = [math.log10(v) for v in numbers]
-        ticks = list(np.linspace(min(logs), max(logs), 5)) if max(logs) > min(logs) else logs[:1]
-        return {
-            "label": f"{axis.name} (log)",
-            "values": logs,
-            "tickvals": ticks,
-            "ticktext": [f"{10**t:.3g}" for t in ticks],
-        }
-    return {"label": axis.name, "values": numbers}
-
-
-def _draw_parallel(info: ParallelInfo) -> go.Figure:
-    import plotly.graph_objects as go
-
-    dimensions = [{"label": _label(info.objective), "values": list(info.objective_values)}]
-    dimensions += [_axis_dimension(axis) for axis in info.axes]
-    fig = go.Figure(
-        go.Parcoords(
-            dimensions=dimensions,
-            line={
-                "color": list(info.objective_values),
-                "colorscale": "Viridis",
-                "reversescale": True,  # the best (lowest) trials in the brightest colour
-                "showscale": True,
-                "colorbar": {"title": {"text": "val loss"}},
-            },
-            labelangle=-20,
-        )
-    )
-    fig.update_layout(margin={"l": 80, "r": 80, "t": 90, "b": 40})
-    return fig
-
-
-def _draw_slices(info: SliceInfo) -> go.Figure:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots  # type: ignore[import-untyped]
-
-    per_row = min(4, len(info.panels))
-    rows = math.ceil(len(info.panels) / per_row)
-    fig = make_subplots(
-        rows=rows,
-        cols=per_row,
-        shared_yaxes=True,
-        subplot_titles=[p.axis.name for p in info.panels],
-        horizontal_spacing=0.04,
-        vertical_spacing=0.18 / rows,
-    )
-    for index, panel in enumerate(info.panels):
-        row, col = divmod(index, per_row)
-        fig.add_trace(
-            go.Scatter(
-                x=list(panel.axis.values),
-                y=list(panel.objective_values),
-                mode="markers",
-                name=panel.axis.name,
-                showlegend=False,
-                customdata=list(panel.numbers),
-                marker={
-                    "color": list(panel.numbers),
-                    "coloraxis": "coloraxis",
-                    "size": 8,
-                    "line": {"width": 0.5, "color": "white"},
-                },
-                hovertemplate="trial %{customdata}<br>%{x}<br>%{y:.5g}<extra></extra>",
-            ),
-            row=row + 1,
-            col=col + 1,
-        )
-        if panel.axis.choices is not None:
-            fig.update_xaxes(
-                type="category",
-                categoryorder="array",
-                categoryarray=list(panel.axis.choices),
-                row=row + 1,
-                col=col + 1,
-            )
-        elif panel.axis.log:
-            fig.update_xaxes(type="log", row=row + 1, col=col + 1)
-    fig.update_yaxes(title_text=_label(info.objective), row=1, col=1)
-    fig.update_layout(
-        coloraxis={"colorscale": "Blues", "colorbar": {"title": {"text": "trial"}}},
-        height=330 * rows,
-    )
-    return fig
-
-
 def _draw_learning_curves(info: LearningCurvesInfo) -> go.Figure:
     import plotly.graph_objects as go
 
@@ -868,11 +781,27 @@ def _draw_learning_curves(info: LearningCurvesInfo) -> go.Figure:
     shown: set[str] = set()
     for curve in info.curves:
         if curve.baseline:
-            group, color, width, dash = "baseline", _BASELINE_COLOR, 3.0, "solid"
+            group, color, width = "baseline", _BASELINE_COLOR, 3.0
         elif curve.state == "PRUNED":
-            group, color, width, dash = "pruned", _COLORS["pruned"], 1.5, "dot"
+            group, color, width = "pruned", _COLORS["pruned"], 1.5
         else:
-            group, color, width, dash = "complete", _COLORS["complete"], 1.5, "solid"
+            group, color, width = "complete", _COLORS["complete"], 1.5
+        label = f"{html.escape(curve.name)} ({curve.state.lower()})"
+        if curve.train_losses:  # behind its validation curve: dashed and lighter
+            fig.add_trace(
+                go.Scatter(
+                    x=list(curve.train_epochs),
+                    y=list(curve.train_losses),
+                    mode="lines",
+                    name=f"{group} (train)",
+                    legendgroup=f"{group} (train)",
+                    showlegend=f"{group} (train)" not in shown,
+                    opacity=0.45,
+                    line={"color": color, "width": 1.0, "dash": "dash"},
+                    hovertemplate=label + "<br>epoch %{x}<br>train loss %{y:.5g}<extra></extra>",
+                )
+            )
+            shown.add(f"{group} (train)")
         end = "x" if curve.state == "PRUNED" else "circle"
         fig.add_trace(
             go.Scatter(
@@ -882,88 +811,34 @@ def _draw_learning_curves(info: LearningCurvesInfo) -> go.Figure:
                 name=group,
                 legendgroup=group,
                 showlegend=group not in shown,
-                line={"color": color, "width": width, "dash": dash},
+                line={"color": color, "width": width},
                 marker={
                     "size": [0] * (len(curve.epochs) - 1) + [10 if end == "x" else 6],
                     "symbol": end,
                     "color": color,
                 },
-                hovertemplate=(
-                    f"{html.escape(curve.name)} ({curve.state.lower()})"
-                    "<br>epoch %{x}<br>val loss %{y:.5g}<extra></extra>"
-                ),
+                hovertemplate=label + "<br>epoch %{x}<br>validation loss %{y:.5g}<extra></extra>",
             )
         )
         shown.add(group)
-    all_losses = [v for c in info.curves for v in c.val_losses]
+    losses = [v for c in info.curves for v in (*c.val_losses, *c.train_losses)]
+    last = info.max_epochs or max(e for c in info.curves for e in c.epochs)
     fig.update_layout(
         xaxis_title="epoch",
-        yaxis_title="validation loss (MSE)",
-        yaxis_type="log" if _wide(all_losses) else "linear",
+        yaxis_title="loss (MSE)",
+        yaxis_type="log" if _wide(losses) else "linear",
         height=520,
     )
-    last = info.max_epochs or max(e for c in info.curves for e in c.epochs)
-    fig.update_xaxes(range=[0.5, last + 0.5], dtick=_integer_step(last))
-    return fig
-
-
-def _draw_pareto(info: ParetoInfo) -> go.Figure:
-    import plotly.graph_objects as go
-
-    front = set(info.front)
-    position = {n: i for i, n in enumerate(info.numbers)}
-    others = [i for i, n in enumerate(info.numbers) if n not in front]
-    fig = go.Figure()
-    fig.add_trace(
-        go.Scatter(
-            x=[info.x[i] for i in others],
-            y=[info.y[i] for i in others],
-            mode="markers",
-            name="trial",
-            customdata=[info.numbers[i] for i in others],
-            marker={"color": "#bbbbbb", "size": 8},
-            hovertemplate="trial %{customdata}<br>%{x:.5g}, %{y:.5g}<extra></extra>",
-        )
-    )
-    fig.add_trace(
-        go.Scatter(
-            x=[info.x[position[n]] for n in info.front],
-            y=[info.y[position[n]] for n in info.front],
-            mode="lines+markers",
-            name="Pareto front",
-            customdata=list(info.front),
-            line={"color": _COLORS["pruned"], "shape": "hv"},
-            marker={"size": 10},
-            hovertemplate="trial %{customdata}<br>%{x:.5g}, %{y:.5g}<extra></extra>",
-        )
-    )
-    if info.baseline_number is not None:
-        i = position[info.baseline_number]
-        fig.add_trace(
-            go.Scatter(
-                x=[info.x[i]],
-                y=[info.y[i]],
-                mode="markers",
-                name="baseline",
-                marker={"color": _BASELINE_COLOR, "symbol": "star", "size": 14},
-            )
-        )
-    fig.update_layout(
-        xaxis_title=_label(info.objectives[0]),
-        yaxis_title=_label(info.objectives[1]),
-        yaxis_type="log" if _wide(info.y) else "linear",
-    )
+    fig.update_xaxes(range=[0.5, last + 0.5], dtick=max(1, math.ceil(last / 12)))
     return fig
 
 
 def _draw_grid(info: GridInfo) -> go.Figure:
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    from plotly.subplots import make_subplots  # type: ignore[import-untyped]
 
     names = [b.name for b in info.variants]
-    labels = [
-        f"{n} (baseline)" if b.baseline else n for n, b in zip(names, info.variants, strict=True)
-    ]
+    labels = [f"{b.name} (baseline)" if b.baseline else b.name for b in info.variants]
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -1008,6 +883,7 @@ def _draw_grid(info: GridInfo) -> go.Figure:
             )
     shown = [b for b in info.variants if not b.baseline]
     points = [b.bootstrap_pct if b.bootstrap_pct is not None else b.improvement_pct for b in shown]
+    pairs = list(zip(shown, points, strict=True))
     fig.add_trace(
         go.Scatter(
             x=[labels[names.index(b.name)] for b in shown],
@@ -1019,12 +895,10 @@ def _draw_grid(info: GridInfo) -> go.Figure:
                 "type": "data",
                 "symmetric": False,
                 "array": [
-                    (b.ci95_pct[1] - p) if b.ci95_pct and p is not None else 0.0
-                    for b, p in zip(shown, points, strict=True)
+                    (b.ci95_pct[1] - p) if b.ci95_pct and p is not None else 0.0 for b, p in pairs
                 ],
                 "arrayminus": [
-                    (p - b.ci95_pct[0]) if b.ci95_pct and p is not None else 0.0
-                    for b, p in zip(shown, points, strict=True)
+                    (p - b.ci95_pct[0]) if b.ci95_pct and p is not None else 0.0 for b, p in pairs
                 ],
             },
             hovertemplate="%{x}<br>%{y:+.2f}%<extra></extra>",
@@ -1036,6 +910,65 @@ def _draw_grid(info: GridInfo) -> go.Figure:
     fig.update_yaxes(title_text="MSE", row=1, col=1)
     fig.update_yaxes(title_text="% better", row=2, col=1)
     fig.update_layout(barmode="group", height=720, xaxis2_tickangle=-35)
+    return fig
+
+
+def _draw_ensemble(info: EnsembleInfo) -> go.Figure:
+    """Members' weights, and the ensemble's validation loss pick by pick against the best
+    single trial's: what the greedy selection gained on the data it chose on."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.4, 0.6],
+        subplot_titles=["members' weights", "validation loss after each pick"],
+    )
+    fig.add_trace(
+        go.Bar(
+            x=[m.name for m in info.members],
+            y=[m.weight for m in info.members],
+            name="weight",
+            marker_color=_COLORS["val"],
+            customdata=[[m.picks, _fmt(m.val_loss), _fmt(m.test_loss)] for m in info.members],
+            hovertemplate="%{x}: weight %{y:.3f} (%{customdata[0]} picks)<br>val loss "
+            "%{customdata[1]}, test loss %{customdata[2]}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    picks = [p for p, _, _ in info.selection]
+    fig.add_trace(
+        go.Scatter(
+            x=picks,
+            y=[v for _, _, v in info.selection],
+            mode="lines+markers",
+            name="ensemble",
+            customdata=[t for _, t, _ in info.selection],
+            line={"color": _COLORS["val"]},
+            hovertemplate="pick %{x}: trial %{customdata}<br>val loss %{y:.5g}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    name, val = info.best_single
+    fig.add_trace(
+        go.Scatter(
+            x=[min(picks, default=1), max(picks, default=1)],
+            y=[val, val],
+            mode="lines",
+            name=f"best single trial ({name})",
+            line={"color": _COLORS["test"], "dash": "dash"},
+            hovertemplate="best single trial<br>val loss %{y:.5g}<extra></extra>",
+        ),
+        row=1,
+        col=2,
+    )
+    fig.update_yaxes(title_text="weight", row=1, col=1)
+    fig.update_yaxes(title_text="validation loss (MSE)", row=1, col=2)
+    fig.update_xaxes(title_text="pick", dtick=max(1, math.ceil(len(picks) / 12)), row=1, col=2)
+    fig.update_layout(height=440, legend={"orientation": "h", "y": -0.2})
     return fig
 
 
@@ -1057,10 +990,11 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 
 h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; }
 p.meta, p.how { color: #555; margin: 4px 0 8px; } p.note { background: #fff6e0;
        border-left: 4px solid #f5b700; padding: 8px 12px; }
-table { border-collapse: collapse; font-size: 14px; } th, td { padding: 4px 10px;
+table { border-collapse: collapse; font-size: 14px; margin: 8px 0; } th, td { padding: 4px 10px;
        border-bottom: 1px solid #eee; text-align: right; } th { background: #f4f4f4; }
-td.text, th.text { text-align: left; } tr.baseline td { font-weight: 600; }
-div.plot { min-height: 300px; }
+td.text, th.text { text-align: left; } tr.baseline td, tr.best td { font-weight: 600; }
+tr.ensemble td { background: #eef4fb; }
+div.plot { min-height: 300px; overflow-x: auto; }
 """
 
 
@@ -1068,39 +1002,90 @@ def _fmt(value: float | None, digits: str = ".5f") -> str:
     return "" if value is None else format(value, digits)
 
 
-def _summary_html(info: SummaryInfo) -> str:
-    extra = [_label(o) for o in info.objectives[1:]]
-    head = ["role", "trial", "name", "val loss", "test loss", "test vs baseline", *extra]
-    head += ["epochs", "parameters"]
-    text_columns = {"role", "name", "parameters"}
-    cells = "".join(
-        f'<th class="{"text" if h in text_columns else "num"}">{html.escape(h)}</th>' for h in head
-    )
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:+.2f}%"
+
+
+def _table(head: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], text: set[str]) -> str:
+    """An HTML table; each row is (its CSS class, its cells), every cell escaped."""
+
+    def cls(h: str) -> str:
+        return "text" if h in text else "num"
+
+    cells = "".join(f'<th class="{cls(h)}">{html.escape(h)}</th>' for h in head)
     lines = [f"<table><thead><tr>{cells}</tr></thead><tbody>"]
-    for row in info.rows:
-        params = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.params.items()
+    for css, values in rows:
+        tds = "".join(
+            f'<td class="{cls(h)}">{html.escape(v)}</td>' for h, v in zip(head, values, strict=True)
         )
+        lines.append(f'<tr class="{css}">{tds}</tr>' if css else f"<tr>{tds}</tr>")
+    lines.append("</tbody></table>")
+    return "\n".join(lines)
+
+
+def _summary_html(info: SummaryInfo) -> str:
+    extra = list(info.objectives[1:])
+    head = ["rank", "role", "trial", "name", "val loss", "test loss", "test vs baseline", *extra]
+    head += ["epochs", "parameters"]
+    rows = []
+    for row in info.rows:
         values = [
+            "" if row.rank is None else str(row.rank),
             row.role,
-            str(row.number),
+            "" if row.number is None else str(row.number),
             row.name,
             _fmt(row.val_loss),
             _fmt(row.test_loss),
-            _fmt(row.test_vs_baseline_pct, "+.2f")
-            + ("%" if row.test_vs_baseline_pct is not None else ""),
+            _pct(row.test_vs_baseline_pct),
             *[f"{v:.6g}" for v in row.values[1:]],
+            *[""] * (len(extra) - len(row.values[1:])),
             "" if row.epochs is None else str(row.epochs),
-            params,
+            row.params,
         ]
-        tds = "".join(
-            f'<td class="{"text" if h in text_columns else "num"}">{html.escape(v)}</td>'
-            for h, v in zip(head, values, strict=True)
+        css = " ".join(r for r in ("best", "baseline", "ensemble") if r in row.role.split(", "))
+        rows.append((css, values))
+    return _table(head, rows, {"role", "name", "parameters"})
+
+
+def _ensemble_html(info: EnsembleInfo) -> str:
+    """The members with their losses, and the gains with their intervals, as tables."""
+    members = [
+        (
+            "",
+            [
+                str(m.trial),
+                m.name,
+                f"{m.weight:.3f}",
+                str(m.picks),
+                _fmt(m.val_loss),
+                _fmt(m.test_loss),
+            ],
         )
-        css = ' class="baseline"' if "baseline" in row.role else ""
-        lines.append(f"<tr{css}>{tds}</tr>")
-    lines.append("</tbody></table>")
-    return "\n".join(lines)
+        for m in info.members
+    ]
+    gains = [
+        (
+            "",
+            [
+                g.against,
+                _pct(g.percent),
+                f"{_pct(g.ci95_pct[0])} to {_pct(g.ci95_pct[1])}",
+                f"{g.resamples:,}",
+                g.verdict,
+            ],
+        )
+        for g in info.gains
+    ]
+    gain_head = ["test MSE gain over", "gain", "95% interval", "resamples", "verdict"]
+    return "\n".join(
+        [
+            _table(
+                ["trial", "name", "weight", "picks", "val loss", "test loss"], members, {"name"}
+            ),
+            _table(gain_head, gains, {"test MSE gain over", "verdict"}) if gains else "",
+            f'<p class="how">{html.escape(info.about)}.</p>',
+        ]
+    )
 
 
 _SECTIONS: dict[str, tuple[str, str]] = {
@@ -1110,33 +1095,40 @@ _SECTIONS: dict[str, tuple[str, str]] = {
         "dashed lines. Below: how much lower each variant's test MSE is, with its interval; an "
         "interval that crosses zero means the difference is within noise.",
     ),
+    "ensemble": (
+        "Ensemble",
+        "The weighted average of trials that cso export --ensemble built by greedy selection on "
+        "the validation predictions: each member's weight, the ensemble's validation loss after "
+        "each pick against the best single trial's (dashed), and its test-MSE gain over the best "
+        "single trial and over the baseline with paired-bootstrap 95% intervals.",
+    ),
     "history": (
-        "Optimization history",
+        "Optimization history (Optuna)",
         "The validation loss of every complete trial, in the order they were started, and the "
-        "best so far.",
+        "best so far; the baseline is a star.",
     ),
     "learning-curves": (
         "Learning curves",
-        "Validation loss per epoch of every trial. Pruned trials are dotted and end in a cross "
-        "where the pruner stopped them.",
+        "Validation loss (solid) and training loss (dashed, lighter) per epoch of every trial. "
+        "Pruned trials are red and end in a cross where the pruner stopped them.",
     ),
     "importances": (
-        "Hyperparameter importances",
-        "How much each parameter decides whether a trial reaches a low validation loss.",
+        "Hyperparameter importances (Optuna)",
+        "How much each parameter decides whether a trial reaches a low value of each objective.",
     ),
     "parallel": (
-        "Parallel coordinates",
-        "One line per complete trial through its parameters, coloured by validation loss "
-        "(brightest is best). Drag along an axis to filter.",
+        "Parallel coordinates (Optuna)",
+        "One line per complete trial through the validation loss and its parameters, coloured "
+        "by validation loss.",
     ),
     "slices": (
-        "Slice plots",
+        "Slice plots (Optuna)",
         "The validation loss against each parameter on its own; darker points are later trials.",
     ),
     "pareto": (
-        "Pareto front",
-        "Validation loss against the second objective; the front holds the trials no other "
-        "trial beats on both.",
+        "Pareto front (Optuna)",
+        "Every complete trial by its objectives; the front holds the trials no other trial beats "
+        "on all of them. The baseline is a star.",
     ),
 }
 
@@ -1146,7 +1138,7 @@ def _figure_html(fig: go.Figure, div_id: str) -> str:
 
     if fig.layout.height is None:
         fig.update_layout(height=450)
-    fig.update_layout(template=_TEMPLATE, margin_t=fig.layout.margin.t or 50)
+    fig.update_layout(template=_TEMPLATE, title_text="", margin_t=50)
     page: str = pio.to_html(
         fig,
         full_html=False,
@@ -1159,63 +1151,63 @@ def _figure_html(fig: go.Figure, div_id: str) -> str:
 
 def render_report(
     study: optuna.Study,
+    *,
+    storage_url: str | None = None,
+    artifact_dir: Path | None = None,
     grid_results: Mapping[str, Any] | None = None,
     variant_errors: VariantErrors | None = None,
 ) -> tuple[str, tuple[str, ...], dict[str, str]]:
-    """The report's HTML, the ids of its plots and the notes of sections without one."""
+    """The report's HTML, the ids of its plots and the notes of sections without one.
+
+    ``artifact_dir``: the study's artifact folder (learning curves, the ensemble); a missing
+    one only leaves out what needs it.
+    """
     import plotly.offline  # type: ignore[import-untyped]
 
-    summary = _collect_summary_info(study)
+    complete = _require_complete(study)
+    names = objective_names(study)
+    store = open_store(artifact_dir)
+    ensemble, ensemble_note = _load_ensemble(study, store, artifact_dir)
+    summary = _collect_summary_info(study, ensemble)
+    varying, constant = _varying_params(complete)
+    same = f"the trials' parameters do not differ ({len(complete)} complete trial(s))"
+
     sections: list[tuple[str, go.Figure | str]] = []  # a figure, or why there is none
     grid = _collect_grid_info(study, variant_errors, grid_results)
     if grid is not None:
         sections.append(("grid", _draw_grid(grid)))
-    sections.append(("history", _draw_history(_collect_history_info(study))))
-    curves = _collect_learning_curves_info(study)
-    no_curves = (
-        "Optuna takes no per-epoch reports from a study with several objectives, and its "
-        "trials keep no val_losses attribute"
-        if len(study.directions) > 1
-        else "no trial reported a validation loss per epoch"
-    )
+    if ensemble is not None or ensemble_note is not None:
+        sections.append(("ensemble", _draw_ensemble(ensemble) if ensemble else str(ensemble_note)))
+    sections.append(("history", _optuna_figure("history", study, names, varying)))
+    curves = _collect_learning_curves_info(study, store)
+    no_curves = "no trial kept a learning curve"
+    if store is None and artifact_dir is not None:
+        no_curves += f" that can be read without its artifact folder ({artifact_dir} is missing)"
     sections.append(
         ("learning-curves", _draw_learning_curves(curves) if curves.curves else no_curves)
     )
-    importance = _collect_importance_info(study)
+    importances, caveats = _importance_figure(study, names, varying)
+    sections.append(("importances", importances))
     sections.append(
-        (
-            "importances",
-            _draw_importances(importance) if importance.importances else str(importance.note),
-        )
+        ("parallel", _optuna_figure("parallel", study, names, varying) if varying else same)
     )
-    parallel = _collect_parallel_info(study)
     sections.append(
-        ("parallel", _draw_parallel(parallel) if parallel.axes else "the trials share no parameter")
+        ("slices", _optuna_figure("slices", study, names, varying) if varying else same)
     )
-    slices = _collect_slice_info(study)
-    sections.append(
-        ("slices", _draw_slices(slices) if slices.panels else "the trials have no parameter")
-    )
-    pareto = _collect_pareto_info(study)
-    if pareto is not None:
-        sections.append(("pareto", _draw_pareto(pareto)))
+    if len(names) > 1:
+        sections.append(("pareto", _optuna_figure("pareto", study, names, varying)))
 
+    left_out = [f"Left out (the same in every trial): {', '.join(constant)}."] if constant else []
+    remarks = {  # below a section's plot
+        "importances": [f"Caveat: {c}" for c in caveats] + left_out,
+        "parallel": left_out,
+        "slices": left_out,
+    }
     plots: list[str] = []
     notes: dict[str, str] = {}
-    body = [_header_html(summary), "<h2>Summary</h2>", _summary_html(summary)]
+    body = [_header_html(summary, storage_url), "<h2>Summary</h2>", _summary_html(summary)]
     if grid is not None:
         body.append(f'<p class="how">Bootstrap intervals: {html.escape(grid.interval_note)}.</p>')
-    remarks = {  # below a section's plot
-        "parallel": [f"Left out (not every trial has them): {', '.join(parallel.omitted)}."]
-        if parallel.omitted
-        else [],
-        "importances": [f"Caveat: {c}" for c in importance.caveats]
-        + (
-            [f"Left out (the same in every trial): {', '.join(importance.constant)}."]
-            if importance.constant
-            else []
-        ),
-    }
     for key, drawn in sections:
         title, how = _SECTIONS[key]
         body.append(f'<section id="section-{key}"><h2>{html.escape(title)}</h2>')
@@ -1227,6 +1219,8 @@ def render_report(
             div_id = f"plot-{key}"
             plots.append(div_id)
             body.append(f'<div class="plot">{_figure_html(drawn, div_id)}</div>')
+        if key == "ensemble" and ensemble is not None:
+            body.append(_ensemble_html(ensemble))
         body.extend(f'<p class="how">{html.escape(r)}</p>' for r in remarks.get(key, []))
         body.append("</section>")
     page = "\n".join(
@@ -1251,16 +1245,18 @@ def render_report(
     return page, tuple(plots), notes
 
 
-def _header_html(info: SummaryInfo) -> str:
+def _header_html(info: SummaryInfo, storage_url: str | None = None) -> str:
+    """Title and one line of facts; a storage URL only ever appears with its password hidden."""
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(info.counts.items()))
-    objectives = " and ".join(_label(o) for o in info.objectives)
     meta = [
         f"{info.kind} study",
-        f"minimising {objectives}",
+        f"minimising {' and '.join(info.objectives)}",
         f"trials: {counts}",
     ]
     if info.data_path:
         meta.append(f"data: {info.data_path}")
+    if storage_url:
+        meta.append(f"storage: {redact_url(storage_url)}")
     meta.append(f"made by cso {__version__}")
     return (
         f"<h1>Study '{html.escape(info.study_name)}'</h1>"
@@ -1271,6 +1267,9 @@ def _header_html(info: SummaryInfo) -> str:
 def write_report(
     study: optuna.Study,
     output_path: Path,
+    *,
+    storage_url: str | None = None,
+    artifact_dir: Path | None = None,
     grid_results: Mapping[str, Any] | None = None,
     variant_errors: VariantErrors | None = None,
 ) -> ReportOutcome:
@@ -1282,7 +1281,21 @@ def write_report(
 
     Raises:
         StudyError: the study has no complete trial.
+        ConfigError: the file cannot be written (one line, with the system's reason).
     """
-    page, plots, notes = render_report(study, grid_results, variant_errors)
-    write_text_atomic(output_path, page)
+    page, plots, notes = render_report(
+        study,
+        storage_url=storage_url,
+        artifact_dir=artifact_dir,
+        grid_results=grid_results,
+        variant_errors=variant_errors,
+    )
+    try:
+        write_text_atomic(output_path, page)
+    except OSError as exc:
+        where = exc.filename or output_path
+        raise ConfigError(
+            f"--output {output_path}: cannot write the report ({exc.strerror or exc}: {where}); "
+            "pass another --output"
+        ) from exc
     return ReportOutcome(path=output_path, plots=plots, notes=notes)

@@ -6,7 +6,10 @@ optuna-dashboard are imported inside them, so ``cso --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from calling_score_opt.console import console, fails_cleanly
-from calling_score_opt.errors import ConfigError, StudyError
+from calling_score_opt.errors import ConfigError, CsoError, StudyError
 
 GRID_STUDY = "calling-score-grid"  # what a newcomer has after `cso grid`
 DEFAULT_RESULTS = Path("assets/models/optimized/optimization_results.json")  # cso grid's
@@ -25,7 +28,11 @@ Storage = Annotated[
     str | None, typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]")
 ]
 Artifacts = Annotated[
-    Path | None, typer.Option(help="Folder of stored weights. [default: beside the SQLite file]")
+    Path | None,
+    typer.Option(
+        help="Folder of the study's artifacts: weights, learning curves, ensembles. "
+        "[default: beside the SQLite file]"
+    ),
 ]
 
 
@@ -42,6 +49,66 @@ def _storage_url(storage: str | None, study: str) -> str:
                 "--study and --storage of an existing study"
             )
     return url
+
+
+def _hide_password(text: str, url: str) -> str:
+    """``text`` with the storage URL's password shown as ``***``, however it got there.
+
+    cso's messages name the storage they could not use; a PostgreSQL URL carries its password.
+    """
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    from calling_score_opt.study import redact_url
+
+    if not url:
+        return text
+    text = text.replace(url, redact_url(url))
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.password or ""]
+        secrets += [v for k, v in parse_qsl(parts.query) if k.lower() in ("password", "passwd")]
+    except ValueError:
+        secrets = []
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***").replace(unquote(secret), "***")
+    return text
+
+
+@contextlib.contextmanager
+def _password_hidden(url: str) -> Iterator[None]:
+    """Re-raise cso's errors with the storage URL's password hidden (see :func:`_hide_password`)."""
+    try:
+        yield
+    except CsoError as exc:
+        message = _hide_password(str(exc), url)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an --output that cannot be a file before any work: a folder, or a path under a
+    file. Other write errors (permissions, a full disk) surface when the report is written."""
+    if path.is_dir():
+        raise ConfigError(
+            f"--output {path}: is a folder; name the file to write, e.g. {path / 'report.html'}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--output {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"--output {path}: cannot write in {parent} (permission denied)")
+            return
+
+
+def _artifact_dir(artifacts: Path | None, url: str, study: str) -> Path:
+    """``--artifacts`` (which must exist), else the study's default folder (which may not)."""
+    from calling_score_opt.study import default_artifact_dir
+
+    if artifacts is not None and not artifacts.is_dir():
+        raise ConfigError(f"--artifacts {artifacts}: no such folder")
+    return artifacts or default_artifact_dir(url, study)
 
 
 def _grid_results(path: Path | None, study: Any) -> dict[str, Any] | None:
@@ -95,29 +162,40 @@ def report(
 ) -> None:
     """Write one self-contained HTML report of a study: the best trials and every plot.
 
-    Summary table, optimization history, learning curves, hyperparameter importances, parallel
-    coordinates, slice plots, the Pareto front (several objectives) and, for a grid study, the
-    variants against the baseline with bootstrap intervals. plotly.js is embedded: the file
-    opens offline.
+    Optuna's own plots (optimization history, hyperparameter importances, parallel coordinates,
+    slices, the Pareto front of several objectives) and cso's: train and validation learning
+    curves, a grid's variants against the baseline with bootstrap intervals, and the ensemble
+    cso export --ensemble built from the study. plotly.js is embedded: the file opens offline.
 
     Example: cso report --study calling-score-search --output reports/search.html
     """
     from calling_score_opt.report import load_variant_errors, write_report
     from calling_score_opt.trials import load_study
 
-    url = _storage_url(storage, study)
-    loaded = load_study(url, study)
-    grid_results = variant_errors = None
-    if loaded.user_attrs.get("kind") == "grid":
-        with console.status("scoring the variants' stored weights on the test split..."):
-            variant_errors = load_variant_errors(loaded, url, artifacts, data_path, target)
-        grid_results = _grid_results(results, loaded)
     path = output or REPORTS_DIR / f"{study}.html"
-    outcome = write_report(loaded, path, grid_results, variant_errors)
+    _check_output(path)
+    with _password_hidden(storage or ""):
+        url = _storage_url(storage, study)
+        folder = _artifact_dir(artifacts, url, study)
+        loaded = load_study(url, study)
+        grid_results = variant_errors = None
+        if loaded.user_attrs.get("kind") == "grid":
+            with console.status("scoring the variants' stored weights on the test split..."):
+                variant_errors = load_variant_errors(loaded, folder, data_path, target)
+            grid_results = _grid_results(results, loaded)
+        outcome = write_report(
+            loaded,
+            path,
+            storage_url=url,
+            artifact_dir=folder,
+            grid_results=grid_results,
+            variant_errors=variant_errors,
+        )
     console.print(
         f"Report: {escape(str(outcome.path))} ({len(outcome.plots)} plots)", highlight=False
     )
     for section, why in outcome.notes.items():
+        why = _hide_password(why, url)
         console.print(f"  no {section} plot: {escape(why)}", highlight=False, soft_wrap=True)
     if variant_errors is not None and variant_errors.note:
         console.print(
@@ -143,9 +221,11 @@ def dashboard(
     Example: cso dashboard --study calling-score-search --port 8081
     """
     from calling_score_opt.dashboard import is_loopback, open_dashboard, serve
+    from calling_score_opt.study import redact_url
 
-    url = _storage_url(storage, study)
-    board = open_dashboard(study, url, host, port, artifacts)
+    with _password_hidden(storage or ""):
+        url = _storage_url(storage, study)
+        board = open_dashboard(study, url, host, port, artifacts)
     if not is_loopback(host):
         console.print(
             f"[yellow]warning:[/] the dashboard has no login; anyone who can reach {escape(host)} "
@@ -153,7 +233,9 @@ def dashboard(
             soft_wrap=True,
         )
     console.print(f"Dashboard of study '{escape(study)}': {board.study_url}", highlight=False)
-    console.print(f"All studies in {escape(url)}: {board.url}", highlight=False, soft_wrap=True)
+    console.print(
+        f"All studies in {escape(redact_url(url))}: {board.url}", highlight=False, soft_wrap=True
+    )
     if board.artifact_dir is None:
         console.print("(no stored weights folder found: trials show no artifacts)")
     console.print("Press Ctrl-C to stop.")

@@ -237,3 +237,32 @@ def test_dashboard_help_has_an_example(invoke: Callable[..., Result]) -> None:
 )
 def test_only_loopback_hosts_count_as_private(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_the_storage_password_is_never_printed(invoke: Callable[..., Result]) -> None:
+    url = "postgresql://board:S3cr3t-pw@127.0.0.1:1/studies"  # nothing listens on port 1
+    result = invoke("--study", "s", "--storage", url, "--port", "0")
+    message = assert_clean_failure(result, "postgresql://board:***@127.0.0.1:1/studies")
+    assert "S3cr3t-pw" not in result.output + message
+
+
+def test_the_printed_storage_has_its_password_hidden(
+    search: Built, invoke: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the command prints once it serves: the URL it was given, password hidden."""
+    from calling_score_opt import dashboard as board_module
+
+    secret = "postgresql://board:S3cr3t-pw@db.example/studies"
+    opened: list[str] = []
+
+    def open_here(study: str, url: str, *args: Any) -> Any:
+        opened.append(url)
+        return open_dashboard(study, search.storage, "127.0.0.1", 0)
+
+    monkeypatch.setattr(board_module, "open_dashboard", open_here)
+    monkeypatch.setattr(board_module, "serve", lambda board: board.server.server_close())
+    result = invoke("--study", "search", "--storage", secret, "--port", "0")
+    assert result.exit_code == 0, result.output
+    assert opened == [secret]  # the real URL is used, only never shown
+    assert "All studies in postgresql://board:***@db.example/studies" in result.stdout
+    assert "S3cr3t-pw" not in result.output

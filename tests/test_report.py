@@ -1,15 +1,19 @@
-"""``cso report``: the numbers behind every plot, the HTML file, and the command.
+"""``cso report``: the numbers behind cso's plots, Optuna's figures on the right trials, the
+HTML file, and the command.
 
 The studies are tiny and built once per test session (the browser test reuses them): a grid of
-4 variants, a grid with 2 repeats, a search with a pruned trial and a two-objective search.
+4 variants, a grid with 2 repeats, a search with a pruned trial, a two-objective search, and a
+hand-made study (no training) with stored learning curves and an ensemble.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
 import statistics
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +23,29 @@ import numpy as np
 import optuna
 import pytest
 import typer
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, files_under
+from optuna.distributions import CategoricalDistribution
+from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 from optuna.trial import TrialState
 from typer.testing import CliRunner, Result
 
 from calling_score_opt import report as rpt
 from calling_score_opt.errors import StudyError
 from calling_score_opt.grid import GridSettings, run_grid
+from calling_score_opt.report_cli import _hide_password
 from calling_score_opt.report_cli import report as report_command
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.space import VARIANTS
+from calling_score_opt.study import (
+    BASELINE_ATTR,
+    ENSEMBLE_STEM,
+    artifact_store,
+    storage_of,
+    store_learning_curve,
+    store_study_json,
+)
 from calling_score_opt.synth import write_synthetic
-from calling_score_opt.trials import load_study
+from calling_score_opt.trials import learning_curve, load_study
 
 GRID_EPOCHS = 3
 SEARCH_EPOCHS = 8  # the median pruner waits 5 epochs (and 5 complete trials) before it prunes
@@ -52,6 +67,10 @@ class Built:
     @property
     def results(self) -> Path:
         return self.root / "out" / "optimization_results.json"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "studies" / f"{self.name}.artifacts"
 
     def load(self) -> optuna.Study:
         return load_study(self.storage, self.name)
@@ -134,6 +153,125 @@ def _pareto_search(root: Path, data: Path, storage: str) -> None:
     )
 
 
+#: The hand-made study: (learning rate, batch size, final validation loss); None: pruned.
+HANDMADE_EPOCHS = 6
+HANDMADE_PRUNED_AT = 3
+HANDMADE = [
+    (0.001, 32, 0.030),  # trial 0, the baseline
+    (0.003, 16, 0.020),
+    (0.010, 64, 0.025),
+    (0.002, 16, 0.018),  # the best
+    (0.050, 64, 0.040),
+    (0.0002, 32, None),  # pruned after HANDMADE_PRUNED_AT epochs
+    (0.004, 32, 0.022),
+]
+ENSEMBLE: dict[str, Any] = {
+    "schema": "cso-ensemble/1",
+    "created": "2026-12-02T15:00:00+00:00",
+    "method": "greedy forward selection with replacement on validation predictions "
+    "(Caruana et al., 2004)",
+    "rounds": 10,
+    "max_members": 8,
+    "members": [
+        {
+            "trial": 3,
+            "name": "trial_3",
+            "weight": 0.5,
+            "picks": 5,
+            "val_loss": 0.018,
+            "test_loss": 0.0189,
+        },
+        {
+            "trial": 1,
+            "name": "trial_1",
+            "weight": 0.3,
+            "picks": 3,
+            "val_loss": 0.020,
+            "test_loss": 0.021,
+        },
+        {
+            "trial": 6,
+            "name": "trial_6",
+            "weight": 0.2,
+            "picks": 2,
+            "val_loss": 0.022,
+            "test_loss": 0.0231,
+        },
+    ],
+    "selection": [
+        {"pick": i + 1, "trial": t, "val_loss": 0.018 - 0.0003 * min(i, 5)}
+        for i, t in enumerate([3, 1, 6, 3, 1, 3, 6, 3, 1, 3])
+    ],
+    "val_loss": 0.0165,
+    "test_loss": 0.0172,
+    "best_single": {"trial": 3, "name": "trial_3", "val_loss": 0.018, "test_loss": 0.0189},
+    "baseline": {"trial": 0, "name": "trial_0", "val_loss": 0.030, "test_loss": 0.0315},
+    "vs_best_single": {
+        "test_mse_improvement_pct": 9.0,
+        "ci95_pct": [4.1, 13.2],
+        "resamples": 2000,
+        "verdict": "better",
+    },
+    "vs_baseline": {
+        "test_mse_improvement_pct": 45.4,
+        "ci95_pct": [-2.0, 60.1],
+        "resamples": 2000,
+        "verdict": "within noise",
+    },
+    "onnx_path": "assets/models/exported/calling_score_model_ensemble.onnx",
+    "size_bytes": 123456,
+}
+
+
+def handmade_history(number: int) -> list[tuple[int, float, float]]:
+    """(epoch, train loss, val loss): falling towards the trial's final validation loss."""
+    final = HANDMADE[number][2] or 0.08
+    epochs = HANDMADE_PRUNED_AT if HANDMADE[number][2] is None else HANDMADE_EPOCHS
+    return [
+        (e, final * 0.9 + 0.05 / e**2, final + 0.06 / e**2 - 0.06 / HANDMADE_EPOCHS**2)
+        for e in range(1, epochs + 1)
+    ]
+
+
+def _handmade(root: Path, data: Path, storage: str) -> None:
+    """Trials as cso search stores them (learning curves as artifacts), and an ensemble."""
+    (root / "studies").mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name="handmade", storage=storage)
+    for key, value in {
+        "kind": "search",
+        "objectives": "val_loss",
+        "epochs": HANDMADE_EPOCHS,
+    }.items():
+        study.set_user_attr(key, value)
+    store = artifact_store(root / "studies" / "handmade.artifacts")
+    for number, (lr, batch, final) in enumerate(HANDMADE):
+        study.enqueue_trial({"learning_rate": lr, "batch_size": batch, "dropout": 0.1})
+        trial = study.ask()
+        trial.suggest_float("learning_rate", 1e-4, 1e-1, log=True)
+        trial.suggest_categorical("batch_size", [16, 32, 64])
+        trial.suggest_float("dropout", 0.0, 0.5)
+        history = handmade_history(number)
+        store_learning_curve(store, trial, history)
+        if number == 0:
+            trial.set_user_attr(BASELINE_ATTR, True)
+        if final is None:
+            trial.set_user_attr("pruned_at_epoch", HANDMADE_PRUNED_AT)
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        for key, value in {
+            "val_loss": final,
+            "test_loss": final * 1.05,
+            "epochs_run": len(history),
+        }.items():
+            trial.set_user_attr(key, value)
+        study.tell(trial, final)
+    store_study_json(store, study, ENSEMBLE_STEM, ENSEMBLE)
+
+
+def built_handmade(base: Path) -> Built:
+    return _built(base / "handmade", "handmade", _handmade)
+
+
 def built_grid(base: Path) -> Built:
     return _built(
         base / "grid",
@@ -178,6 +316,11 @@ def pareto(tmp_path_factory: pytest.TempPathFactory) -> Built:
 
 
 @pytest.fixture(scope="module")
+def handmade(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return built_handmade(studies_base(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
 def repeats(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return built_repeats(studies_base(tmp_path_factory))
 
@@ -194,20 +337,23 @@ def results_of(built: Built) -> dict[str, Any]:
 # --- the summary table -----------------------------------------------------------------------
 
 
-def test_summary_lists_the_five_best_and_the_baseline(search: Built) -> None:
+def test_summary_ranks_the_five_best_and_calls_only_the_first_best(search: Built) -> None:
     study = search.load()
     info = rpt._collect_summary_info(study)
     ranked = sorted(complete(study), key=lambda t: t.values[0])
-    assert [r.number for r in info.rows[: rpt.TOP_TRIALS]] == [
-        t.number for t in ranked[: rpt.TOP_TRIALS]
-    ]
+    top = info.rows[: rpt.TOP_TRIALS]
+    assert [r.number for r in top] == [t.number for t in ranked[: rpt.TOP_TRIALS]]
+    assert [r.rank for r in top] == list(range(1, rpt.TOP_TRIALS + 1))
+    assert [r for r in info.rows if "best" in r.role] == [info.rows[0]]
     assert info.kind == "search"
     assert sum(info.counts.values()) == 8 and info.counts["PRUNED"] >= 1
     assert info.counts["COMPLETE"] == len(ranked)
     baseline = next(r for r in info.rows if "baseline" in r.role)
     assert baseline.number == 0
+    assert baseline.rank == 1 + [t.number for t in ranked].index(0)
     base_test = study.trials[0].user_attrs["test_loss"]
     for row in info.rows:
+        assert row.number is not None
         trial = study.trials[row.number]
         assert row.val_loss == trial.user_attrs["val_loss"] == trial.values[0]
         assert row.test_loss == trial.user_attrs["test_loss"]
@@ -218,40 +364,217 @@ def test_summary_lists_the_five_best_and_the_baseline(search: Built) -> None:
             assert row.test_vs_baseline_pct == pytest.approx(expected)
 
 
+def test_the_page_labels_rows_by_what_they_are(handmade: Built) -> None:
+    rows = rpt._collect_summary_info(handmade.load()).rows
+    assert [(r.rank, r.role, r.name) for r in rows[:3]] == [
+        (1, "best", "trial_3"),
+        (2, "", "trial_1"),
+        (3, "", "trial_6"),
+    ]
+    page = rpt._summary_html(rpt._collect_summary_info(handmade.load()))
+    roles = re.findall(
+        r'<tr(?: class="[^"]*")?><td class="num">(\d*)</td><td class="text">([^<]*)', page
+    )
+    assert roles == [
+        ("1", "best"),
+        ("2", ""),
+        ("3", ""),
+        ("4", ""),
+        ("5", "baseline"),  # trial 0 is fifth of six: among the top five, and named so
+    ]
+
+
 def test_a_grid_summary_names_variants_and_its_baseline(grid: Built) -> None:
     info = rpt._collect_summary_info(grid.load())
     names = [r.name for r in info.rows]
     assert sorted(names) == sorted(v.name for v in VARIANTS[:GRID_VARIANTS])
     assert [r.name for r in info.rows if "baseline" in r.role] == ["v1_0_baseline"]
+    assert len([r for r in info.rows if "best" in r.role]) == 1
 
 
 def test_a_two_objective_summary_is_the_pareto_front(pareto: Built) -> None:
     study = pareto.load()
     info = rpt._collect_summary_info(study)
     front = {t.number for t in study.best_trials}
-    assert {r.number for r in info.rows if r.role.startswith("Pareto front")} == front
+    assert {r.number for r in info.rows if "Pareto front" in r.role} == front
+    assert not any("best" in r.role for r in info.rows)  # no single best among several objectives
     assert info.objectives == ("val_loss", "params")
     for row in info.rows:
+        assert row.number is not None
         assert row.values[1] == study.trials[row.number].user_attrs["parameters"]
 
 
-# --- history, learning curves ----------------------------------------------------------------
+# --- Optuna's figures: drawn from these trials ------------------------------------------------
 
 
-def test_history_is_every_complete_value_and_the_running_best(search: Built) -> None:
+def optuna_figure(study: optuna.Study, kind: str) -> Any:
+    varying, _ = rpt._varying_params(complete(study))
+    return rpt._optuna_figure(kind, study, rpt.objective_names(study), varying)
+
+
+def test_history_is_optunas_with_the_trials_and_the_baseline(search: Built) -> None:
     study = search.load()
-    info = rpt._collect_history_info(study)
+    fig = optuna_figure(study, "history")
+    done = sorted(complete(study), key=lambda t: t.number)
+    values = next(t for t in fig.data if t.name == "val_loss")
+    assert list(values.x) == [t.number for t in done]
+    assert list(values.y) == [t.values[0] for t in done]
+    line = next(t for t in fig.data if t.name == "Best Value")  # over every trial number
+    best = dict(zip(line.x, line.y, strict=True))
+    assert [best[n] for n in values.x] == list(np.minimum.accumulate(values.y))
+    star = next(t for t in fig.data if t.name == "baseline")
+    assert (list(star.x), list(star.y)) == ([0], [study.trials[0].values[0]])
+    assert 5 not in values.x  # the pruned trial has no value
+
+
+def ped_anova(
+    study: optuna.Study, params: list[str], target: Callable[[Any], float] | None = None
+) -> dict[str, float]:
+    """Optuna's own importances, as optuna-dashboard computes them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "computes the importances ... low values"
+        return dict(
+            get_param_importances(
+                study, evaluator=PedAnovaImportanceEvaluator(), params=params, target=target
+            )
+        )
+
+
+def importance_bars(fig: Any) -> dict[str, dict[str, float]]:
+    return {t.name: dict(zip(t.y, t.x, strict=True)) for t in fig.data}
+
+
+def test_importances_are_optunas_ped_anova_of_the_varying_parameters(search: Built) -> None:
+    study = search.load()
+    varying, constant = rpt._varying_params(complete(study))
+    fig, _ = rpt._importance_figure(study, ("val_loss",), varying)
+    bars = importance_bars(fig)["val_loss"]
+    expected = ped_anova(study, varying)
+    assert bars == pytest.approx(expected)
+    assert sum(bars.values()) == pytest.approx(1.0)
+    assert "learning_rate" in bars and not set(bars) & set(constant)
     done = complete(study)
-    assert info.numbers == tuple(t.number for t in done)
-    assert info.values == tuple(t.values[0] for t in done)
-    assert list(info.best_so_far) == list(np.minimum.accumulate(info.values))
-    assert info.baseline_number == 0
-    assert 5 not in info.numbers  # the pruned trial has no value
+    assert set(constant) == {n for n in done[0].params if len({t.params[n] for t in done}) == 1}
+    again, _ = rpt._importance_figure(study, ("val_loss",), varying)
+    assert importance_bars(again) == importance_bars(fig)  # no randomness
+
+
+def test_a_one_factor_grid_gives_all_importance_to_the_factor(grid: Built) -> None:
+    study = grid.load()
+    varying, constant = rpt._varying_params(complete(study))
+    assert varying == ["learning_rate"]
+    assert set(constant) == {"batch_size", "hidden_sizes", "dropout"}
+    fig, _ = rpt._importance_figure(study, ("val_loss",), varying)
+    assert importance_bars(fig) == {"val_loss": {"learning_rate": pytest.approx(1.0)}}
+
+
+def test_importances_of_two_objectives_are_labelled_with_their_names(pareto: Built) -> None:
+    study = pareto.load()
+    varying, _ = rpt._varying_params(complete(study))
+    fig, _ = rpt._importance_figure(study, rpt.objective_names(study), varying)
+    bars = importance_bars(fig)
+    assert list(bars) == ["val_loss", "params"]
+    for index, name in enumerate(("val_loss", "params")):
+        expected = ped_anova(study, varying, lambda t, i=index: t.values[i])  # type: ignore[misc]
+        assert bars[name] == pytest.approx(expected)
+
+
+def test_importances_need_two_trials_and_say_so() -> None:
+    study = optuna.create_study()
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"x": 1.0},
+            distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
+            value=0.5,
+        )
+    )
+    note, _ = rpt._importance_figure(study, ("val_loss",), ["x"])
+    assert isinstance(note, str) and "at least 2 complete trials" in note
+
+
+def test_parallel_coordinates_draw_one_line_per_complete_trial(search: Built) -> None:
+    study = search.load()
+    varying, _ = rpt._varying_params(complete(study))
+    fig = optuna_figure(study, "parallel")
+    lines = [t for t in fig.data if t.mode == "lines" and t.customdata is not None]
+    assert len(lines) == len(complete(study))
+    assert list(fig.layout.xaxis.ticktext) == ["val_loss", *sorted(varying)]
+    shown = sorted(float(line.customdata[0][1]) for line in lines)  # the objective's axis
+    assert shown == pytest.approx(
+        sorted(t.values[0] for t in complete(study)), rel=5e-3
+    )  # 3 digits
+
+
+def slice_points(fig: Any) -> dict[str, set[tuple[Any, float]]]:
+    """Each slice panel's (parameter value, objective) points, by the panel's axis title."""
+    points: dict[str, set[tuple[Any, float]]] = {}
+    for trace in fig.data:
+        axis = "xaxis" + (trace.xaxis or "x")[1:]
+        param = fig.layout[axis].title.text
+        points.setdefault(param, set()).update(zip(trace.x, trace.y, strict=True))
+    return points
+
+
+def test_slices_show_each_varying_parameter_against_the_loss(search: Built) -> None:
+    study = search.load()
+    varying, _ = rpt._varying_params(complete(study))
+    points = slice_points(optuna_figure(study, "slices"))
+    assert set(points) == set(varying)
+    for name in varying:
+        having = [t for t in complete(study) if name in t.params]
+        categorical = isinstance(having[0].distributions[name], CategoricalDistribution)
+        shown = {(str(t.params[name]) if categorical else t.params[name]) for t in having}
+        assert {x for x, _ in points[name]} == shown
+        assert points[name] == {
+            (str(t.params[name]) if categorical else t.params[name], t.values[0]) for t in having
+        }
+
+
+def test_pareto_front_is_optunas_with_the_objective_names(pareto: Built) -> None:
+    study = pareto.load()
+    fig = optuna_figure(study, "pareto")
+    assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("val_loss", "params")
+    best = next(t for t in fig.data if "Best Trial" in (t.hovertemplate or ""))
+    assert set(zip(best.x, best.y, strict=True)) == {tuple(t.values) for t in study.best_trials}
+    others = next(t for t in fig.data if "<extra>Trial</extra>" in (t.hovertemplate or ""))
+    assert len(best.x) + len(others.x) == len(complete(study))
+    star = next(t for t in fig.data if t.name == "baseline")
+    assert (star.x[0], star.y[0]) == tuple(study.trials[0].values)
+
+
+def test_optunas_metric_names_win_over_the_objectives_attribute() -> None:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.set_user_attr("objectives", "val_loss,params")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_loss", "latency"])
+    for x in (0.1, 0.4, 0.9):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x},
+                distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+                values=[x, 1 - x],
+            )
+        )
+    assert rpt.objective_names(study) == ("val_loss", "latency")
+    fig = optuna_figure(study, "pareto")
+    assert fig.layout.yaxis.title.text == "latency"
+    page, _, _ = rpt.render_report(study)
+    assert "minimising val_loss and latency" in page
+
+
+def test_one_objective_has_no_pareto_front(search: Built, tmp_path: Path) -> None:
+    outcome = write(search, tmp_path / "r.html")
+    assert "plot-pareto" not in outcome.plots
+
+
+# --- learning curves -------------------------------------------------------------------------
 
 
 def test_learning_curves_show_the_pruned_trial_cut_short(search: Built) -> None:
     study = search.load()
-    info = rpt._collect_learning_curves_info(study)
+    store = rpt.open_store(search.artifacts)
+    info = rpt._collect_learning_curves_info(study, store)
     assert info.max_epochs == SEARCH_EPOCHS
     by_number = {c.number: c for c in info.curves}
     assert set(by_number) == set(range(8))
@@ -261,125 +584,151 @@ def test_learning_curves_show_the_pruned_trial_cut_short(search: Built) -> None:
     assert len(pruned.epochs) == pruned.pruned_at_epoch < SEARCH_EPOCHS
     for curve in info.curves:
         trial = study.trials[curve.number]
-        assert dict(zip(curve.epochs, curve.val_losses, strict=True)) == trial.intermediate_values
+        stored = learning_curve(trial, storage_of(study), store)
+        assert stored is not None and curve.val_losses == stored.val_loss
         assert curve.baseline == (curve.number == 0)
         if curve.state == "COMPLETE":
             assert len(curve.epochs) == trial.user_attrs["epochs_run"]
             assert curve.pruned_at_epoch is None
 
 
+def test_learning_curves_carry_the_stored_train_losses(handmade: Built) -> None:
+    study = handmade.load()
+    info = rpt._collect_learning_curves_info(study, rpt.open_store(handmade.artifacts))
+    assert [c.number for c in info.curves] == list(range(len(HANDMADE)))
+    for curve in info.curves:
+        history = handmade_history(curve.number)
+        assert curve.epochs == curve.train_epochs == tuple(e for e, _, _ in history)
+        assert curve.train_losses == pytest.approx([t for _, t, _ in history])
+        assert curve.val_losses == pytest.approx([v for _, _, v in history])
+    assert [c.number for c in info.curves if c.baseline] == [0]
+    fig = rpt._draw_learning_curves(info)
+    train = [t for t in fig.data if t.name.endswith("(train)")]
+    assert len(train) == len(HANDMADE) and all(t.line.dash == "dash" for t in train)
+    pruned = [t for t in fig.data if t.name == "pruned"]
+    assert [len(t.x) for t in pruned] == [HANDMADE_PRUNED_AT]
+    assert fig.layout.xaxis.range == (0.5, HANDMADE_EPOCHS + 0.5)  # the budget, not the longest
+
+
 def test_grid_learning_curves_mark_the_baseline(grid: Built) -> None:
-    info = rpt._collect_learning_curves_info(grid.load())
+    info = rpt._collect_learning_curves_info(grid.load(), rpt.open_store(grid.artifacts))
     assert len(info.curves) == GRID_VARIANTS
     assert [c.name for c in info.curves if c.baseline] == ["v1_0_baseline"]
     assert all(len(c.epochs) == GRID_EPOCHS for c in info.curves)
 
 
-def test_curves_fall_back_to_a_val_losses_attribute() -> None:
-    trial = optuna.trial.create_trial(
-        value=0.2, user_attrs={"val_losses": [0.5, 0.3, 0.2]}, state=TrialState.COMPLETE
-    )
-    assert rpt._val_losses(trial) == {1: 0.5, 2: 0.3, 3: 0.2}
-
-
-# --- importances, parallel coordinates, slices -------------------------------------------------
-
-
-def test_importances_are_shares_of_the_varying_parameters(search: Built) -> None:
-    study = search.load()
-    info = rpt._collect_importance_info(study)
-    assert info.note is None
-    assert sum(info.importances.values()) == pytest.approx(1.0)
-    assert all(v >= 0 for v in info.importances.values())
-    assert list(info.importances.values()) == sorted(info.importances.values(), reverse=True)
-    assert "learning_rate" in info.importances
-    done = complete(study)
-    same = tuple(n for n in done[0].params if len({repr(t.params[n]) for t in done}) == 1)
-    assert info.constant == same  # never changed, so left out
-    assert set(info.importances) == set(done[0].params) - set(same)
-    assert rpt._collect_importance_info(study) == info  # no randomness
-
-
-def test_a_one_factor_grid_gives_all_importance_to_the_factor(grid: Built) -> None:
-    info = rpt._collect_importance_info(grid.load())
-    assert info.importances == {"learning_rate": pytest.approx(1.0)}
-    assert set(info.constant) == {"batch_size", "hidden_sizes", "dropout"}
-
-
-def test_importances_need_two_trials_and_say_so(tmp_path: Path) -> None:
+def test_curves_fall_back_to_list_attributes() -> None:
     study = optuna.create_study()
     study.add_trial(
         optuna.trial.create_trial(
-            params={"x": 1.0},
-            distributions={"x": optuna.distributions.FloatDistribution(0, 2)},
-            value=0.5,
+            value=0.2,
+            user_attrs={"val_losses": [0.5, 0.3, 0.2], "train_losses": [0.6, 0.35, 0.25]},
         )
     )
-    info = rpt._collect_importance_info(study)
-    assert info.importances == {}
-    assert info.note is not None and "at least 2 complete trials" in info.note
+    (curve,) = rpt._collect_learning_curves_info(study).curves
+    assert curve.epochs == (1, 2, 3) and curve.val_losses == (0.5, 0.3, 0.2)
+    assert curve.train_losses == (0.6, 0.35, 0.25)
 
 
-def test_parallel_coordinates_carry_every_shared_parameter(search: Built) -> None:
-    study = search.load()
-    info = rpt._collect_parallel_info(study)
-    done = complete(study)
-    assert info.numbers == tuple(t.number for t in done)
-    assert info.objective_values == tuple(t.values[0] for t in done)
-    names = [a.name for a in info.axes]
-    assert names[:3] == ["learning_rate", "batch_size", "n_layers"]
-    for axis in info.axes:
-        if axis.choices is None:
-            assert axis.values == tuple(float(t.params[axis.name]) for t in done)
-        else:
-            assert axis.values == tuple(str(t.params[axis.name]) for t in done)
-            assert set(axis.values) <= set(axis.choices)
-    by_name = {a.name: a for a in info.axes}
-    assert by_name["learning_rate"].log and not by_name["dropout"].log
-    assert by_name["batch_size"].choices == ("16", "32", "64", "128")
-    for name in info.omitted:  # conditional: some trial lacks it
-        assert any(name not in t.params for t in done)
+# --- the ensemble ------------------------------------------------------------------------------
 
 
-def test_slices_have_one_panel_per_parameter(search: Built) -> None:
-    study = search.load()
-    info = rpt._collect_slice_info(study)
-    done = {t.number: t for t in complete(study)}
-    assert {p.axis.name for p in info.panels} == {n for t in done.values() for n in t.params}
-    for panel in info.panels:
-        assert panel.numbers == tuple(n for n in done if panel.axis.name in done[n].params)
-        assert panel.objective_values == tuple(done[n].values[0] for n in panel.numbers)
+def test_the_ensemble_section_shows_members_selection_and_gains(handmade: Built) -> None:
+    study = handmade.load()
+    info, note = rpt._load_ensemble(study, rpt.open_store(handmade.artifacts), handmade.artifacts)
+    assert note is None and info is not None
+    assert [
+        (m.trial, m.name, m.weight, m.picks, m.val_loss, m.test_loss) for m in info.members
+    ] == [
+        (m["trial"], m["name"], m["weight"], m["picks"], m["val_loss"], m["test_loss"])
+        for m in ENSEMBLE["members"]
+    ]
+    assert info.selection == tuple(
+        (s["pick"], s["trial"], s["val_loss"]) for s in ENSEMBLE["selection"]
+    )
+    assert info.best_single == ("trial_3", 0.018)
+    over_best, over_baseline = info.gains
+    assert (over_best.against, over_best.percent, over_best.ci95_pct) == (
+        "best single trial (trial_3)",
+        9.0,
+        (4.1, 13.2),
+    )
+    assert over_best.verdict.startswith("better")
+    assert over_baseline.against == "baseline (trial_0)"
+    assert over_baseline.verdict.startswith("within noise")  # its interval crosses zero
+
+    fig = rpt._draw_ensemble(info)
+    weights = next(t for t in fig.data if t.name == "weight")
+    assert list(weights.x) == ["trial_3", "trial_1", "trial_6"]
+    assert list(weights.y) == [0.5, 0.3, 0.2]
+    curve = next(t for t in fig.data if t.name == "ensemble")
+    assert list(curve.y) == [s["val_loss"] for s in ENSEMBLE["selection"]]
+    reference = next(t for t in fig.data if t.name.startswith("best single trial"))
+    assert set(reference.y) == {0.018}
+
+    page = rpt._ensemble_html(info)
+    assert "+9.00%" in page and "+4.10% to +13.20%" in page and "-2.00% to +60.10%" in page
+    assert "calling_score_model_ensemble.onnx (120.6 KB)" in page
 
 
-def test_grid_parallel_axes_are_categorical_choices(grid: Built) -> None:
-    info = rpt._collect_parallel_info(grid.load())
-    axis = next(a for a in info.axes if a.name == "hidden_sizes")
-    assert axis.choices is not None and "128,64" in axis.choices
-    assert info.omitted == ()
+def test_the_ensemble_has_a_row_in_the_summary(handmade: Built) -> None:
+    study = handmade.load()
+    info, _ = rpt._load_ensemble(study, rpt.open_store(handmade.artifacts), handmade.artifacts)
+    rows = rpt._collect_summary_info(study, info).rows
+    row = rows[-1]
+    assert (row.role, row.name, row.rank, row.number) == (
+        "ensemble",
+        "ensemble of 3 trials",
+        None,
+        None,
+    )
+    assert (row.val_loss, row.test_loss) == (0.0165, 0.0172)
+    base_test = study.trials[0].user_attrs["test_loss"]
+    assert row.test_vs_baseline_pct == pytest.approx((base_test - 0.0172) / base_test * 100)
+    assert "trial_3 0.50" in row.params
 
 
-# --- the Pareto front ------------------------------------------------------------------------
+def test_a_report_of_the_handmade_study_has_every_section(handmade: Built, tmp_path: Path) -> None:
+    outcome = write(handmade, tmp_path / "r.html")
+    assert outcome.plots == EXPECTED_PLOTS["handmade"]
+    assert outcome.notes == {}
+    page = outcome.path.read_text(encoding="utf-8")
+    assert 'id="section-ensemble"' in page and "ensemble of 3 trials" in page
+    assert "Left out (the same in every trial): dropout." in page
 
 
-def test_pareto_front_is_the_non_dominated_trials(pareto: Built) -> None:
-    study = pareto.load()
-    info = rpt._collect_pareto_info(study)
-    assert info is not None
-    assert info.objectives == ("val_loss", "params")
-    assert set(info.front) == {t.number for t in study.best_trials}
-    points = dict(zip(info.numbers, zip(info.x, info.y, strict=True), strict=True))
-
-    def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
-        return a[0] <= b[0] and a[1] <= b[1] and a != b
-
-    for number, point in points.items():
-        beaten = any(dominates(other, point) for other in points.values())
-        assert beaten == (number not in info.front), number
-    assert [points[n][0] for n in info.front] == sorted(points[n][0] for n in info.front)
+def test_without_its_artifact_folder_the_report_says_what_is_missing(
+    handmade: Built, tmp_path: Path
+) -> None:
+    study = handmade.load()
+    gone = tmp_path / "gone"
+    outcome = rpt.write_report(study, tmp_path / "r.html", artifact_dir=gone)
+    assert "plot-ensemble" not in outcome.plots and "plot-learning-curves" not in outcome.plots
+    assert outcome.notes["ensemble"] == (
+        f"the study has an ensemble, but its artifact folder {gone} is missing"
+    )
+    assert f"({gone} is missing)" in outcome.notes["learning-curves"]
+    assert "plot-history" in outcome.plots
+    assert not gone.exists()  # looked for, never created
 
 
-def test_one_objective_has_no_pareto_front(search: Built) -> None:
-    assert rpt._collect_pareto_info(search.load()) is None
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"schema": "cso-ensemble/9"}, "schema 'cso-ensemble/9'"),
+        ({"members": [{"trial": 3}]}, "malformed (KeyError"),
+        ({"val_loss": "low"}, "malformed (ValueError"),
+    ],
+)
+def test_an_unreadable_ensemble_is_a_note_not_a_crash(
+    change: dict[str, Any], reason: str, tmp_path: Path
+) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
+    study.add_trial(optuna.trial.create_trial(value=0.1, user_attrs={"val_loss": 0.1}))
+    store = artifact_store(tmp_path / "artifacts")
+    store_study_json(store, study, ENSEMBLE_STEM, {**ENSEMBLE, **change})
+    info, note = rpt._load_ensemble(study, store, tmp_path / "artifacts")
+    assert info is None and note is not None and reason in note
 
 
 # --- the grid's variants and their bootstrap intervals --------------------------------------
@@ -388,7 +737,7 @@ def test_one_objective_has_no_pareto_front(search: Built) -> None:
 def test_grid_bars_match_the_results_file_and_its_bootstrap(grid: Built) -> None:
     study = grid.load()
     results = results_of(grid)
-    errors = rpt.load_variant_errors(study, grid.storage)
+    errors = rpt.load_variant_errors(study, grid.artifacts)
     assert errors.note is None
     assert set(errors.errors) == {v.name for v in VARIANTS[:GRID_VARIANTS]}
     info = rpt._collect_grid_info(study, errors, None)
@@ -438,7 +787,7 @@ def test_without_weights_the_results_file_gives_the_best_interval(grid: Built) -
 def test_repeats_give_means_and_standard_deviations(repeats: Built) -> None:
     study = repeats.load()
     results = results_of(repeats)
-    info = rpt._collect_grid_info(study, rpt.load_variant_errors(study, repeats.storage), results)
+    info = rpt._collect_grid_info(study, rpt.load_variant_errors(study, repeats.artifacts), results)
     assert info is not None
     for bar, entry in zip(info.variants, results["variants"], strict=True):
         assert bar.name == entry["name"] and bar.repeats == 2
@@ -450,13 +799,13 @@ def test_repeats_give_means_and_standard_deviations(repeats: Built) -> None:
 
 def test_variant_errors_explain_missing_data(grid: Built, tmp_path: Path) -> None:
     study = grid.load()
-    gone = rpt.load_variant_errors(study, grid.storage, data_path=tmp_path / "nope.json")
+    gone = rpt.load_variant_errors(study, grid.artifacts, data_path=tmp_path / "nope.json")
     assert gone.errors == {} and gone.note is not None and "is missing" in gone.note
     other = tmp_path / "other.json"
     write_synthetic(other, 200, 8)
-    wrong = rpt.load_variant_errors(study, grid.storage, data_path=other)
+    wrong = rpt.load_variant_errors(study, grid.artifacts, data_path=other)
     assert wrong.errors == {} and wrong.note is not None and "not the data" in wrong.note
-    no_weights = rpt.load_variant_errors(study, grid.storage, artifact_dir=tmp_path / "none")
+    no_weights = rpt.load_variant_errors(study, tmp_path / "none")
     assert no_weights.note is not None and "folder" in no_weights.note
     info = rpt._collect_grid_info(study, gone, None)
     assert info is not None and info.interval_note == f"none ({gone.note})"
@@ -484,7 +833,7 @@ EXPECTED_PLOTS = {
         "plot-parallel",
         "plot-slices",
     ),
-    "pareto": (  # multi-objective trials keep their curves as a val_losses attribute
+    "pareto": (
         "plot-history",
         "plot-learning-curves",
         "plot-importances",
@@ -492,16 +841,28 @@ EXPECTED_PLOTS = {
         "plot-slices",
         "plot-pareto",
     ),
+    "handmade": (
+        "plot-ensemble",
+        "plot-history",
+        "plot-learning-curves",
+        "plot-importances",
+        "plot-parallel",
+        "plot-slices",
+    ),
 }
 
 
 def write(built: Built, path: Path) -> rpt.ReportOutcome:
+    """The report as `cso report` writes it: storage named, artifacts at the default place."""
     study = built.load()
-    errors = rpt.load_variant_errors(study, built.storage) if built.name.endswith("grid") else None
-    return rpt.write_report(study, path, None, errors)
+    grid = study.user_attrs.get("kind") == "grid"
+    errors = rpt.load_variant_errors(study, built.artifacts) if grid else None
+    return rpt.write_report(
+        study, path, storage_url=built.storage, artifact_dir=built.artifacts, variant_errors=errors
+    )
 
 
-@pytest.mark.parametrize("kind", ["grid", "search", "pareto"])
+@pytest.mark.parametrize("kind", ["grid", "search", "pareto", "handmade"])
 def test_report_is_one_offline_html_file_with_every_plot(
     kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -642,12 +1003,6 @@ def test_report_writes_where_it_is_told(
     assert out.is_file() and "(5 plots)" in result.stdout
 
 
-def test_the_baseline_name_is_the_grids() -> None:
-    from calling_score_opt.space import BASELINE_NAME
-
-    assert rpt.BASELINE_VARIANT == BASELINE_NAME
-
-
 def test_a_maximising_study_is_refused(tmp_path: Path) -> None:
     study = optuna.create_study(study_name="up", direction="maximize")
     study.add_trial(optuna.trial.create_trial(value=1.0))
@@ -660,9 +1015,10 @@ def test_a_variant_without_weights_has_no_interval(grid: Built, tmp_path: Path) 
     folder = tmp_path / "artifacts"
     shutil.copytree(grid.root / "studies" / f"{grid.name}.artifacts", folder)
     lost = next(t for t in complete(study) if t.user_attrs["variant"] == "v1_1_lr_0.0005")
-    meta = optuna.artifacts.get_all_artifact_meta(lost, storage=study._storage)
-    (folder / meta[0].artifact_id).unlink()
-    errors = rpt.load_variant_errors(study, grid.storage, artifact_dir=folder)
+    meta = optuna.artifacts.get_all_artifact_meta(lost, storage=storage_of(study))
+    weights = next(m for m in meta if m.filename == "model.pt")
+    (folder / weights.artifact_id).unlink()
+    errors = rpt.load_variant_errors(study, folder)
     assert errors.note == "no stored weights for v1_1_lr_0.0005"
     info = rpt._collect_grid_info(study, errors)
     assert info is not None
@@ -674,7 +1030,7 @@ def test_a_variant_without_weights_has_no_interval(grid: Built, tmp_path: Path) 
 
 def test_the_grid_drawing_carries_the_intervals(grid: Built) -> None:
     study = grid.load()
-    info = rpt._collect_grid_info(study, rpt.load_variant_errors(study, grid.storage))
+    info = rpt._collect_grid_info(study, rpt.load_variant_errors(study, grid.artifacts))
     assert info is not None
     figure = rpt._draw_grid(info)
     improvement = figure.data[-1]
@@ -685,3 +1041,99 @@ def test_the_grid_drawing_carries_the_intervals(grid: Built) -> None:
     ):
         assert bar.ci95_pct == pytest.approx((y - down, y + up))
     assert figure.data[0].x[0] == "v1_0_baseline (baseline)"
+
+
+# --- where the report goes, and what it never shows ------------------------------------------
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(
+    invoke: Callable[..., Result], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("not a folder", encoding="utf-8")
+    result = invoke("--study", "nope", "--output", blocker / "report.html")
+    # the output is checked first: the missing study is not even looked for
+    assert_clean_failure(result, f"--output {blocker / 'report.html'}", "is a file, not a folder")
+    assert files_under(tmp_path) == [blocker]
+
+
+def test_an_output_that_is_a_folder_is_refused(
+    search: Built, invoke: Callable[..., Result], tmp_path: Path
+) -> None:
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    result = invoke("--study", "search", "--storage", search.storage, "--output", folder)
+    assert_clean_failure(result, f"--output {folder}: is a folder", "report.html")
+    assert files_under(tmp_path) == []
+
+
+def test_a_failed_write_is_one_line(
+    search: Built, invoke: Callable[..., Result], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rpt, "write_text_atomic", full_disk)
+    out = tmp_path / "r.html"
+    result = invoke("--study", "search", "--storage", search.storage, "--output", out)
+    assert_clean_failure(result, f"--output {out}", "No space left on device")
+    assert not out.exists()
+
+
+def test_a_missing_artifacts_folder_given_is_refused(
+    search: Built, invoke: Callable[..., Result], tmp_path: Path
+) -> None:
+    result = invoke(
+        "--study",
+        "search",
+        "--storage",
+        search.storage,
+        "--artifacts",
+        tmp_path / "nope",
+        "--output",
+        tmp_path / "r.html",
+    )
+    assert_clean_failure(result, f"--artifacts {tmp_path / 'nope'}: no such folder")
+
+
+def test_without_the_default_artifacts_folder_the_report_draws_what_it_can(
+    handmade: Built, invoke: Callable[..., Result], tmp_path: Path
+) -> None:
+    (tmp_path / "studies").mkdir()
+    shutil.copyfile(handmade.root / "studies" / "handmade.db", tmp_path / "studies" / "x.db")
+    result = invoke("--study", "handmade", "--storage", f"sqlite:///{tmp_path}/studies/x.db")
+    assert result.exit_code == 0, result.output
+    assert "(4 plots)" in result.stdout  # history, importances, parallel coordinates, slices
+    assert "no ensemble plot: the study has an ensemble, but its artifact folder" in result.stdout
+    assert "no learning-curves plot: no trial kept a learning curve" in result.stdout
+    assert not (tmp_path / "studies" / "x.artifacts").exists()
+
+
+SECRET_URL = "postgresql://reporter:S3cr3t-pw@db.example:5432/studies?sslmode=require"
+
+
+def test_a_storage_password_never_reaches_the_page(handmade: Built) -> None:
+    study = handmade.load()
+    header = rpt._header_html(rpt._collect_summary_info(study), SECRET_URL)
+    assert "S3cr3t-pw" not in header
+    assert "storage: postgresql://reporter:***@db.example:5432/studies" in header
+    page, _, _ = rpt.render_report(study, storage_url=SECRET_URL)
+    assert "S3cr3t-pw" not in page
+
+
+def test_messages_hide_the_password_however_it_appears() -> None:
+    message = f"--storage {SECRET_URL}: cannot open (password S3cr3t-pw rejected)"
+    hidden = _hide_password(message, SECRET_URL)
+    assert "S3cr3t-pw" not in hidden and "reporter:***@db.example" in hidden
+    query = "postgresql://u@h/db?password=S3cr3t-pw"
+    assert "S3cr3t-pw" not in _hide_password(f"cannot open {query}", query)
+    assert _hide_password("nothing to hide", "") == "nothing to hide"
+
+
+def test_the_command_never_prints_the_password(
+    invoke: Callable[..., Result], tmp_path: Path
+) -> None:
+    url = "postgresql://reporter:S3cr3t-pw@127.0.0.1:1/studies"  # nothing listens on port 1
+    result = invoke("--study", "s", "--storage", url, "--output", tmp_path / "r.html")
+    message = assert_clean_failure(result, "postgresql://reporter:***@127.0.0.1:1/studies")
+    assert "S3cr3t-pw" not in result.output + message

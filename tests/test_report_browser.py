@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_report import Built, built_grid, built_pareto, built_search, studies_base, write
+from test_report import (
+    Built,
+    built_grid,
+    built_handmade,
+    built_pareto,
+    built_search,
+    studies_base,
+    write,
+)
 
 #: The Debian package's path first; CSO_CHROMIUM names another build (or Chrome) instead.
 CANDIDATES = (
@@ -345,10 +353,15 @@ def open_report(browser: Browser, path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     base = studies_base(tmp_path_factory)
-    return {"grid": built_grid(base), "search": built_search(base), "pareto": built_pareto(base)}
+    return {
+        "grid": built_grid(base),
+        "search": built_search(base),
+        "pareto": built_pareto(base),
+        "handmade": built_handmade(base),  # stored learning curves and an ensemble
+    }
 
 
-@pytest.mark.parametrize("kind", ["grid", "search", "pareto"])
+@pytest.mark.parametrize("kind", ["grid", "search", "pareto", "handmade"])
 def test_every_plot_renders_offline_without_errors(
     kind: str, studies: dict[str, Built], browser: Browser, tmp_path: Path
 ) -> None:
@@ -405,7 +418,9 @@ def test_pruned_trials_reach_the_browser_cut_short(
     traces = json.loads(value)
     pruned = [t for t in traces if t[0] == "pruned"]
     complete = [t for t in traces if t[0] in ("complete", "baseline")]
-    assert pruned and complete
-    assert all(dash == "dot" for _, dash, _ in pruned)
+    train = [t for t in traces if t[0].endswith("(train)")]
+    assert pruned and complete and train
+    assert all(dash == "solid" for _, dash, _ in pruned + complete)  # validation: solid
+    assert all(dash == "dash" for _, dash, _ in train)  # training: dashed
     longest_complete = max(n for _, _, n in complete)
     assert all(n < longest_complete for _, _, n in pruned)

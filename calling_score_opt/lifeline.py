@@ -1,0 +1,125 @@
+"""Worker processes that end when the process that started them dies.
+
+``kill -9`` of ``cso grid`` or ``cso search`` gives the parent no chance to stop its workers: an
+idle pool worker (about 250 MB with torch loaded) waits for work that never comes, and
+multiprocessing's resource tracker, which exits only once every process holding its pipe has
+exited, waits with it. A worker that calls :func:`exit_with_parent` first thing (in a
+``ProcessPoolExecutor`` initializer, or at the top of a ``multiprocessing.Process`` target) ends
+with its parent instead, and the resource tracker follows by itself.
+
+On Linux the kernel does it: ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` kills the worker the moment its
+parent exits, however busy or stuck the worker is. Linux sends that signal when the *thread* that
+started the worker ends, not only the process: start workers from a thread that lives as long as
+they do (the main thread, as ``cso grid`` and ``cso search`` do). Elsewhere, or where ``prctl`` is
+not available, a daemon thread checks every :data:`POLL_INTERVAL_S` seconds whether the parent is
+still there and ends the process when it is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+Mode = Literal["prctl", "poll"]
+
+#: How often the portable fallback looks for its parent.
+POLL_INTERVAL_S = 0.5
+#: The exit status of a worker whose parent is gone (nobody is left to read it).
+EXIT_STATUS = 1
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_lock = threading.Lock()
+_mode: Mode | None = None
+
+
+def active() -> Mode | None:
+    """How this process follows its parent: ``"prctl"``, ``"poll"``, or None (it does not)."""
+    return _mode
+
+
+def exit_with_parent(parent_pid: int | None = None, *, use_prctl: bool = True) -> Mode | None:
+    """Make this process end when its parent does; call it first thing in a worker.
+
+    ``parent_pid`` is the process to follow; by default the one that started this process
+    through :mod:`multiprocessing`. In a process that has neither (the main process: ``--jobs 1``
+    runs the worker initializer in-process) it does nothing and returns None, so the same
+    initializer serves both. If the parent has already died, the process exits at once.
+    ``use_prctl=False`` forces the portable fallback (for tests). Calling it again is harmless.
+
+    Returns:
+        ``"prctl"`` when the kernel will kill this process with its parent, ``"poll"`` when a
+        thread watches for the parent, None when there is no parent to follow.
+    """
+    global _mode
+    mp_parent = multiprocessing.parent_process()
+    if parent_pid is None:
+        if mp_parent is None:
+            return None
+        parent_pid = mp_parent.pid
+    assert parent_pid is not None
+    with _lock:
+        if _mode is not None:
+            return _mode
+        ppid_at_start = os.getppid()
+
+        def parent_gone() -> bool:
+            if os.getppid() != ppid_at_start:  # reparented: whoever started us has exited
+                return True
+            if mp_parent is not None and mp_parent.pid == parent_pid:
+                # its sentinel (a pipe or a process handle) works on every start method and OS
+                return not mp_parent.is_alive()
+            return not _alive(parent_pid)
+
+        # The kernel follows the process that forked this one. Set it, then look again: if that
+        # is not the parent any more, the parent died before prctl took effect (or an
+        # intermediary such as the forkserver started us, which the thread handles).
+        if use_prctl and _set_parent_death_signal() and os.getppid() == parent_pid:
+            _mode = "prctl"
+            return _mode
+        if parent_gone():
+            os._exit(EXIT_STATUS)
+        thread = threading.Thread(
+            target=_watch, args=(parent_gone,), name="cso-lifeline", daemon=True
+        )
+        thread.start()
+        _mode = "poll"
+        return _mode
+
+
+def _set_parent_death_signal() -> bool:
+    """Ask Linux to SIGKILL this process when its parent exits; False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # no libc with prctl (an unusual build)
+        return False
+
+
+def _watch(parent_gone: Callable[[], bool]) -> None:
+    while True:
+        time.sleep(POLL_INTERVAL_S)
+        if parent_gone():
+            os._exit(EXIT_STATUS)  # from a thread: ends the whole process, no clean-up to wait on
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on Windows, where os.kill would end it: assumed so)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

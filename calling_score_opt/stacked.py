@@ -20,7 +20,9 @@ The backward pass is written out by hand (for ``Linear -> ReLU -> Dropout`` bloc
 output with MSE it is a few lines) because it is cheaper than autograd's graph on these tiny
 matrices, and Adam runs once over one flat buffer holding every member's parameters: the fused
 kernel ``Adam(fused=True)`` uses, then one multiply-add for the per-member learning rates
-(``bench/bench_stacked.py`` measures both choices against their alternatives).
+(``bench/bench_stacked.py`` measures both choices against their alternatives). That kernel is a
+private op, so it is checked against the hand-written update once per process, at first use, and
+the hand-written update takes over if it fails or disagrees.
 """
 
 from __future__ import annotations
@@ -58,9 +60,108 @@ EPS = 1e-8
 
 #: The kernel behind ``torch.optim.Adam(fused=True)`` (a private op; hand-written ops without it).
 _FUSED_ADAM: Callable[..., None] | None = getattr(torch, "_fused_adam_", None)
+#: Per device type: the fused kernel last checked there and whether it agreed with the
+#: hand-written update (see :func:`_fused_adam`).
+_FUSED_VERDICTS: dict[str, tuple[Callable[..., None], bool]] = {}
 
 #: Mixed into the seed of the dropout masks' random stream, so it is not the split's stream.
 _MASK_STREAM = 0x5EED_D209
+
+
+def _adam_fused(
+    kernel: Callable[..., None],
+    flat: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: torch.Tensor,
+    update: torch.Tensor,
+    step: torch.Tensor,
+) -> None:
+    """One Adam step through the fused kernel: it computes the step for a learning rate of 1
+    into the zeroed ``update``, which is then scaled by each element's learning rate."""
+    update.zero_()
+    kernel(
+        [update],
+        [grad],
+        [exp_avg],
+        [exp_avg_sq],
+        [],
+        [step],
+        lr=1.0,
+        beta1=BETA1,
+        beta2=BETA2,
+        weight_decay=0.0,
+        eps=EPS,
+        amsgrad=False,
+        maximize=False,
+    )
+    flat.addcmul_(update, lr)
+
+
+def _adam_plain(
+    flat: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr: torch.Tensor,
+    step: int,
+) -> None:
+    """One Adam step in public operations (``step`` counts from 1)."""
+    bias1 = 1.0 - BETA1**step
+    root2 = math.sqrt(1.0 - BETA2**step)
+    # p -= lr / bias1 * m / (sqrt(v) / root2 + eps)
+    #    = lr * m * (root2 / bias1) / (sqrt(v) + eps * root2)
+    exp_avg.lerp_(grad, 1.0 - BETA1)
+    exp_avg_sq.mul_(BETA2).addcmul_(grad, grad, value=1.0 - BETA2)
+    denom = torch.sqrt(exp_avg_sq).add_(EPS * root2)
+    flat.addcdiv_(exp_avg * lr, denom, value=-root2 / bias1)
+
+
+def _fused_adam_agrees(kernel: Callable[..., None], device: torch.device) -> bool:
+    """Whether ``kernel`` does what :func:`_adam_plain` does: three steps on a tiny buffer.
+
+    Any exception (a changed signature: a TypeError; a kernel missing for this device: a
+    RuntimeError) or any disagreement beyond float rounding means no.
+    """
+    n = 8
+    lr = torch.tensor([1e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 0.1, 1.0], device=device)
+    fused = [torch.linspace(-1.0, 1.0, n, device=device)] + [
+        torch.zeros(n, device=device) for _ in range(2)
+    ]
+    plain = [t.clone() for t in fused]
+    update, step_tensor = torch.empty(n, device=device), torch.zeros((), device=device)
+    try:
+        for step in (1, 2, 3):
+            # gradients of mixed sign and size, changing from step to step
+            grad = torch.linspace(-0.5, 2.0, n, device=device).roll(step) * (-1.5) ** step
+            step_tensor.fill_(step)
+            _adam_fused(kernel, fused[0], grad, fused[1], fused[2], lr, update, step_tensor)
+            _adam_plain(plain[0], grad, plain[1], plain[2], lr, step)
+        return all(
+            bool(torch.allclose(a, b, rtol=1e-5, atol=1e-7))
+            for a, b in zip(fused, plain, strict=True)
+        )
+    except Exception:  # whatever a changed private op raises: use the public operations
+        return False
+
+
+def _fused_adam(device: torch.device) -> Callable[..., None] | None:
+    """The fused Adam kernel when this torch has it and it agrees with the hand-written update
+    on ``device``, else None.
+
+    ``torch._fused_adam_`` is private: a torch release may change its arguments or its meaning,
+    which would fail (or silently change) every grid variant. So it is checked once per process
+    and device type, at first use, and the hand-written update takes over if it fails.
+    """
+    kernel = _FUSED_ADAM
+    if kernel is None:
+        return None
+    checked = _FUSED_VERDICTS.get(device.type)
+    if checked is None or checked[0] is not kernel:
+        checked = (kernel, _fused_adam_agrees(kernel, device))
+        _FUSED_VERDICTS[device.type] = checked
+    return kernel if checked[1] else None
 
 
 def check_stackable(configs: Sequence[TrainConfig]) -> None:
@@ -161,6 +262,7 @@ class _Stack:
         self.step = step
         self._step = torch.full((), float(step), device=self.flat.device)  # the fused kernel's
         self._update = torch.empty_like(self.flat)
+        self._fused = _fused_adam(self.flat.device)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         views, start = [], 0
@@ -246,39 +348,24 @@ class _Stack:
     def adam_step(self) -> None:
         """torch.optim.Adam's update (bias-corrected, no weight decay), lr per member.
 
-        The moments are updated by the same fused kernel ``Adam(fused=True)`` uses; it computes
-        the step for a learning rate of 1 into a zeroed buffer, which is then scaled by each
-        member's learning rate and added to its parameters.
+        Through the fused kernel ``Adam(fused=True)`` uses when it passed its check (see
+        :func:`_fused_adam`), else through public operations.
         """
         self.step += 1
-        self._step.fill_(self.step)
-        if _FUSED_ADAM is not None:
-            self._update.zero_()
-            _FUSED_ADAM(
-                [self._update],
-                [self.grad],
-                [self.exp_avg],
-                [self.exp_avg_sq],
-                [],
-                [self._step],
-                lr=1.0,
-                beta1=BETA1,
-                beta2=BETA2,
-                weight_decay=0.0,
-                eps=EPS,
-                amsgrad=False,
-                maximize=False,
+        if self._fused is not None:
+            self._step.fill_(self.step)
+            _adam_fused(
+                self._fused,
+                self.flat,
+                self.grad,
+                self.exp_avg,
+                self.exp_avg_sq,
+                self.lr,
+                self._update,
+                self._step,
             )
-            self.flat.addcmul_(self._update, self.lr)
-            return
-        bias1 = 1.0 - BETA1**self.step
-        root2 = math.sqrt(1.0 - BETA2**self.step)
-        # p -= lr / bias1 * m / (sqrt(v) / root2 + eps)
-        #    = lr * m * (root2 / bias1) / (sqrt(v) + eps * root2)
-        self.exp_avg.lerp_(self.grad, 1.0 - BETA1)
-        self.exp_avg_sq.mul_(BETA2).addcmul_(self.grad, self.grad, value=1.0 - BETA2)
-        denom = torch.sqrt(self.exp_avg_sq).add_(EPS * root2)
-        self.flat.addcdiv_(self.exp_avg * self.lr, denom, value=-root2 / bias1)
+        else:
+            _adam_plain(self.flat, self.grad, self.exp_avg, self.exp_avg_sq, self.lr, self.step)
 
     def train_step(
         self,

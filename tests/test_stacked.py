@@ -252,3 +252,62 @@ def test_a_stacked_run_with_dropout_is_deterministic(split: Split) -> None:
     for a, b in zip(first, second, strict=True):
         assert a.history == b.history
         np.testing.assert_array_equal(a.predict(split.x_val), b.predict(split.x_val))
+
+
+# --- the private fused Adam kernel is checked before it is trusted -------------------------
+
+
+def _same_results(a: list[TrainResult], b: list[TrainResult], split: Split) -> None:
+    for mine, theirs in zip(a, b, strict=True):
+        assert mine.history == theirs.history
+        assert (mine.best_epoch, mine.test_loss) == (theirs.best_epoch, theirs.test_loss)
+        np.testing.assert_array_equal(mine.predict(split.x_test), theirs.predict(split.x_test))
+
+
+def _raises(*args: Any, **kwargs: Any) -> None:
+    raise TypeError("_fused_adam_() got an unexpected keyword argument 'beta1'")
+
+
+def _wrong(*args: Any, **kwargs: Any) -> None:
+    real = torch._fused_adam_  # type: ignore[attr-defined]
+    real(*args, **kwargs)
+    args[0][0].mul_(1.5)  # the update 1.5 times too large: runs, but trains another model
+
+
+@pytest.mark.skipif(not hasattr(torch, "_fused_adam_"), reason="this torch has no fused Adam")
+@pytest.mark.parametrize("broken", [_raises, _wrong], ids=["raises-TypeError", "wrong-numbers"])
+def test_a_broken_fused_adam_falls_back_to_the_hand_written_update(
+    split: Split, monkeypatch: pytest.MonkeyPatch, broken: Any
+) -> None:
+    configs = [replace(BASE, learning_rate=lr, epochs=3) for lr in (0.001, 0.005)]
+    monkeypatch.setattr(stacked, "_FUSED_ADAM", None)
+    plain = trained(train_stacked(split, configs))
+
+    calls: list[int] = []
+
+    def fused(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        broken(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "_FUSED_ADAM", fused)
+    monkeypatch.setattr(stacked, "_FUSED_VERDICTS", {})
+    _same_results(trained(train_stacked(split, configs)), plain, split)
+    checked = len(calls)
+    assert 1 <= checked <= 3  # tried on a tiny tensor, at first use
+    _same_results(trained(train_stacked(split, configs)), plain, split)
+    assert len(calls) == checked  # the verdict is kept for the process
+
+
+@pytest.mark.skipif(not hasattr(torch, "_fused_adam_"), reason="this torch has no fused Adam")
+def test_a_sound_fused_adam_is_used(split: Split, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = torch._fused_adam_  # type: ignore[attr-defined]
+    calls: list[int] = []
+
+    def fused(*args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "_FUSED_ADAM", fused)
+    monkeypatch.setattr(stacked, "_FUSED_VERDICTS", {})
+    trained(train_stacked(split, [replace(BASE, epochs=2)]))
+    assert len(calls) >= 2 * 7  # one per batch (7 batches, 2 epochs), after the check

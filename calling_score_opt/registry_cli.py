@@ -8,7 +8,7 @@ so a refused command leaves the registry file as it was.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -26,6 +26,9 @@ from calling_score_opt.registry import (
     load_registry,
     update_registry,
 )
+
+if TYPE_CHECKING:
+    from calling_score_opt.registry import ABReport
 
 registry_app = typer.Typer(
     help="The model version registry the app reads: register versions, A/B test them, "
@@ -236,21 +239,31 @@ def ab_start(
         str | None,
         typer.Option(help="Routing salt (default: <model-type>:<version>:<random hex>)."),
     ] = None,
+    min_effect: Annotated[
+        float | None,
+        typer.Option(
+            help="Smallest difference in mean outcome worth shipping; sizes the test "
+            "(ab-report's users needed). Fix it now, before any outcome is seen."
+        ),
+    ] = None,
     model_type: ModelType = "calling_score",
     registry: RegistryPath = DEFAULT_REGISTRY,
 ) -> None:
     """Start an A/B test: a share of users gets the staging VERSION, the rest the active one.
 
-    Example: cso registry ab-start v1.1-hybrid --traffic 0.1
+    Example: cso registry ab-start v1.1-hybrid --traffic 0.1 --min-effect 0.02
     """
     from calling_score_opt.registry import start_ab_test
 
     with update_registry(registry) as loaded:
-        test = start_ab_test(loaded, model_type, version, traffic, salt)
+        test = start_ab_test(loaded, model_type, version, traffic, salt, min_effect)
         active = loaded.of(model_type).active
+    planned = (
+        "" if test.min_effect is None else f"; smallest effect worth shipping {test.min_effect:g}"
+    )
     console.print(
         f"A/B test started: {test.traffic:g} of users get {escape(version)}, the rest "
-        f"{escape(str(active))} (salt {escape(test.salt)})",
+        f"{escape(str(active))} (salt {escape(test.salt)}{planned})",
         highlight=False,
     )
 
@@ -382,7 +395,11 @@ def archive(
 @fails_cleanly
 def ab_report(
     outcomes: Annotated[
-        Path, typer.Option(help="CSV with columns user_id, version, outcome (one row per event).")
+        Path,
+        typer.Option(
+            help="CSV with columns user_id, version, outcome and optionally timestamp (one row "
+            "per event)."
+        ),
     ],
     lower_is_better: Annotated[
         bool, typer.Option("--lower-is-better", help="A lower outcome is better.")
@@ -392,11 +409,17 @@ def ab_report(
     ] = None,
     traffic: Annotated[
         float | None,
-        typer.Option(help="Share the outcomes were collected under (default: the test's)."),
+        typer.Option(
+            help="Share the outcomes were collected under (default: every share the test's "
+            "history records, ramps included)."
+        ),
     ] = None,
     min_effect: Annotated[
         float | None,
-        typer.Option(help="Smallest difference worth detecting, to size 'keep testing'."),
+        typer.Option(
+            help="Smallest difference worth shipping, for a test started without "
+            "ab-start --min-effect: sizes 'keep testing'."
+        ),
     ] = None,
     save: Annotated[
         bool, typer.Option("--save", help="Store the result in the candidate's performanceMetrics.")
@@ -406,38 +429,56 @@ def ab_report(
 ) -> None:
     """Compare the candidate with the active version on outcomes and recommend what to do.
 
-    Prints per version the users, rows and mean outcome, the difference with its 95% interval,
-    a sample-ratio-mismatch check, and promote / keep testing / roll back.
+    Prints per version the users, rows and mean outcome; the difference with Welch's t interval
+    (one look) and the always-valid interval (any look: run it daily); a check that users got
+    the version routing gave them over the test's history; and one Recommendation line:
+    promote, keep testing, roll back or check the assignment.
 
     Example: cso registry ab-report --outcomes outcomes.csv
     """
+    from calling_score_opt.registry import ab_plan, check_traffic, read_outcomes
     from calling_score_opt.registry import ab_report as compare
-    from calling_score_opt.registry import check_traffic, read_outcomes
 
-    loaded = load_registry(registry)
-    state = loaded.of(model_type)
-    test = state.ab_test
-    candidate = candidate or (test.candidate if test else None)
-    if candidate is None:
-        raise RegistryError(
-            f"no {model_type} A/B test is running; pass --candidate V and --traffic T to report "
-            "on a stopped one"
-        )
-    loaded.version(model_type, candidate)
-    if traffic is None:
-        if test is None or test.candidate != candidate:
-            raise RegistryError(f"'{candidate}' is not in a running test: pass --traffic")
-        traffic = test.traffic
-    check_traffic(traffic)
-    if state.active is None:
-        raise RegistryError(f"no active {model_type} version to compare with")
+    if traffic is not None:
+        check_traffic(traffic)
+    plan = ab_plan(load_registry(registry), model_type, candidate, traffic)
     report = compare(
         read_outcomes(outcomes),
-        state.active,
-        candidate,
-        traffic,
+        plan,
         higher_is_better=not lower_is_better,
         min_effect=min_effect,
+    )
+    _print_report(report)
+    name = escape(plan.candidate)
+    nxt = {
+        "promote": f"cso registry promote {name}"
+        + (
+            f" (the guide first raises traffic: cso registry ab-set {name} --traffic 0.5)"
+            if report.traffic < 0.5
+            else ""
+        ),
+        "roll back": f"cso registry ab-stop {name}, then cso registry archive {name}",
+        "keep testing": "collect more outcomes and run ab-report again (daily looks are fine)",
+        "check the assignment": "find why users do not get the version routing gives them "
+        "(cso registry route --user-id U) before deciding",
+    }[report.recommendation]
+    console.print(f"Next: {nxt}", highlight=False, soft_wrap=True)
+    if save:
+        from calling_score_opt.registry import report_metrics
+
+        with update_registry(registry) as changing:
+            record = changing.version(model_type, plan.candidate)
+            record.performance_metrics["ab_report"] = report_metrics(report, str(outcomes))
+        console.print(f"Saved to {name}'s performanceMetrics.ab_report", highlight=False)
+
+
+def _print_report(report: ABReport) -> None:
+    """The report as people read it; the last line is the Recommendation."""
+    from calling_score_opt.registry import (
+        ALPHA,
+        METHOD,
+        MIN_USERS_PER_ARM,
+        TUNING_USERS,
     )
 
     table = Table(title_justify="left")
@@ -453,49 +494,84 @@ def ab_report(
             _number(arm.sd),
         )
     console.print(table)
-    direction = "lower" if lower_is_better else "higher"
-    if report.difference is not None and report.ci95 is not None:
-        low, high = report.ci95
+    level = f"{1 - ALPHA:.0%}"
+    direction = "lower" if not report.higher_is_better else "higher"
+    welch, sequential = report.welch, report.sequential
+    if welch is not None and sequential is not None:
         console.print(
-            f"Difference (candidate - active): {report.difference:+.5f}, 95% interval "
-            f"[{low:+.5f}, {high:+.5f}] ({direction} is better)",
+            f"Difference (candidate - active): {welch.difference:+.5f} ({direction} is better)",
             highlight=False,
+            soft_wrap=True,
         )
-    verdict = "MISMATCH" if report.srm_mismatch else "ok"
+        console.print(
+            f"  Welch t {level} interval, one look: [{welch.low:+.5f}, {welch.high:+.5f}], "
+            f"df {welch.df:.1f}, p = {welch.p_value:.3g}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            f"  Always-valid {level} interval, any look: [{sequential.low:+.5f}, "
+            f"{sequential.high:+.5f}], p = {sequential.p_value:.3g}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    check = report.assignment
+    plan = report.plan
+    if plan.salt is not None:
+        rule = "at each row's time" if check.timestamps else "at any share of the test"
+        shares = " -> ".join(f"{p.traffic:g}" for p in plan.periods)
+        console.print(
+            f"Assignment: {len(check.violators):,} of {check.users:,} users seen on a version "
+            f"routing never gave them ({rule}; shares {shares}; at most {check.tolerance:,} "
+            f"tolerated): {'MISROUTED' if check.misrouted else 'ok'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        bands = ", ".join(
+            f"[{b.low:g}, {b.high:g}) {b.users:,} ({b.expected:,.0f} expected)" for b in check.bands
+        )
+        console.print(
+            f"Split: users per routing band {bands}; chi-square {check.chi2:.2f}, "
+            f"p = {check.p_value:.3g}: {'MISMATCH' if check.mismatch else 'ok'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        control_band, candidate_band = check.bands
+        total = control_band.users + candidate_band.users
+        share = candidate_band.users / total if total else 0.0
+        console.print(
+            f"Split: {share:.2%} of users got the candidate, {report.traffic:.2%} configured "
+            f"(chi-square {check.chi2:.2f}, p = {check.p_value:.3g}; the routing salt is not "
+            f"recorded, so users are not checked one by one): "
+            f"{'MISMATCH' if check.mismatch else 'ok'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    left_out = [
+        (report.users_in_both, "users seen under both versions"),
+        (len(check.violators), "users on a version routing never gave them"),
+        (report.rows_ignored, "rows of other versions"),
+        (report.rows_outside, "rows timed outside the test"),
+    ]
+    if any(count for count, _ in left_out):
+        console.print(
+            "Left out: " + ", ".join(f"{count:,} {what}" for count, what in left_out if count),
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
-        f"Split: {report.observed_share:.2%} of users got the candidate, {report.traffic:.2%} "
-        f"configured (chi-square {report.srm_chi2:.2f}, p = {report.srm_p:.3g}): {verdict}",
+        f"Method: {METHOD}, tuned for {TUNING_USERS:,} users; promote or roll back needs "
+        f"{MIN_USERS_PER_ARM} users per version"
+        + ("" if report.min_effect is None else f"; --min-effect {report.min_effect:g}"),
         highlight=False,
+        soft_wrap=True,
     )
-    if report.users_in_both or report.rows_ignored:
-        console.print(
-            f"Left out: {report.users_in_both:,} users seen under both versions, "
-            f"{report.rows_ignored:,} rows of other versions",
-            highlight=False,
-        )
     console.print(
-        f"Recommendation: {report.recommendation}: {escape(report.reason)}", highlight=False
+        f"Recommendation: {report.recommendation}: {escape(report.reason)}",
+        highlight=False,
+        soft_wrap=True,
     )
-    name = escape(candidate)
-    nxt = {
-        "promote": f"cso registry promote {name}"
-        + (
-            f" (the guide first raises traffic: cso registry ab-set {name} --traffic 0.5)"
-            if report.traffic < 0.5
-            else ""
-        ),
-        "roll back": f"cso registry ab-stop {name}, then cso registry archive {name}",
-        "keep testing": "collect more outcomes and run ab-report again",
-        "check the assignment": "find why users do not get the configured split before deciding",
-    }[report.recommendation]
-    console.print(f"Next: {nxt}", highlight=False)
-    if save:
-        from calling_score_opt.registry import report_metrics
-
-        with update_registry(registry) as changing:
-            record = changing.version(model_type, candidate)
-            record.performance_metrics["ab_report"] = report_metrics(report, str(outcomes))
-        console.print(f"Saved to {name}'s performanceMetrics.ab_report", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

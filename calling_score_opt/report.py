@@ -636,17 +636,13 @@ def _varying_params(complete: Sequence[FrozenTrial]) -> tuple[list[str], list[st
     return varying, [n for n in order if n not in varying]
 
 
-def _first_value(trial: FrozenTrial) -> float:
-    return float(trial.values[0])
-
-
 def _value_of(index: int) -> Callable[[FrozenTrial], float]:
     return lambda trial: float(trial.values[index])
 
 
 def _target(study: optuna.Study) -> Callable[[FrozenTrial], float] | None:
     """Optuna's plots need a target with several objectives: the first, validation loss."""
-    return _first_value if len(study.directions) > 1 else None
+    return _value_of(0) if len(study.directions) > 1 else None
 
 
 def _quietly(draw: Callable[[], go.Figure]) -> tuple[go.Figure, tuple[str, ...]]:
@@ -701,7 +697,7 @@ def _optuna_figure(
                 name="baseline",
                 text=["baseline"],
                 textposition="top right",
-                showlegend=False,  # labelled in place: the Pareto plot's corner holds colour bars
+                showlegend=False,  # labelled in place: Optuna's colour bars hold the corner
                 marker={"color": _BASELINE_COLOR, "symbol": "star", "size": 15},
                 hovertemplate=f"baseline (trial {baseline.number})<br>%{{x}}, %{{y:.5g}}"
                 "<extra></extra>",

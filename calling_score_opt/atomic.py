@@ -147,3 +147,42 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse, before any work, a file path no write can succeed at: a folder, a path under a
+    file, or a folder this process may not write in. (A full disk still shows at the write.)
+
+    Raises:
+        ConfigError: naming ``flag``, the path and what is in the way.
+    """
+    from calling_score_opt.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; name the file to write in it")
+    _check_parents(path, flag)
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse, before any work, a folder path that is a file or lies under one.
+
+    Raises:
+        ConfigError: naming ``flag``, the path and what is in the way.
+    """
+    from calling_score_opt.errors import ConfigError
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file, not a folder; pass a folder")
+    _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    from calling_score_opt.errors import ConfigError
+
+    for parent in path.absolute().parents:  # the nearest existing one decides
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+            return

@@ -14,8 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from calling_score_opt import report_cli
+from calling_score_opt.atomic import check_output_file
 from calling_score_opt.console import console, fails_cleanly, print_table
-from calling_score_opt.errors import CsoError
+from calling_score_opt.errors import ConfigError, CsoError
 from calling_score_opt.registry_cli import registry_app
 
 DEFAULT_DATA = Path("data/calling_score_training_data_v1_hybrid.json")
@@ -558,16 +559,34 @@ def data_synth(
     output: Annotated[Path, typer.Option(help="Where to write the JSON file.")] = DEFAULT_DATA,
     records: Annotated[int, typer.Option(min=1, help="How many records.")] = DEFAULT_RECORDS,
     seed: Annotated[int, typer.Option(help="Same seed, same file.")] = 0,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="hybrid (easy: every model captures nearly all the signal) or gated "
+            "(engagement gated by a hidden calling decision: models differ, use it to "
+            "measure quality)."
+        ),
+    ] = "hybrid",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace OUTPUT if it exists (refused otherwise).")
+    ] = False,
 ) -> None:
     """Write synthetic training data in the app's JSON format, with its noise floor recorded.
 
-    Example: cso data synth --records 2000 --seed 1 --output data/small.json
+    Example: cso data synth --kind gated --records 10000 --output data/gated.json
     """
-    from calling_score_opt.synth import write_synthetic
+    from calling_score_opt.synth import KINDS, write_synthetic
 
-    metadata = write_synthetic(output, records, seed)
+    if kind not in KINDS:
+        raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    check_output_file(output, "--output")
+    if output.exists() and not force:
+        raise ConfigError(
+            f"--output {output}: exists; pass --force to replace it (it may be real data)"
+        )
+    metadata = write_synthetic(output, records, seed, kind)
     console.print(
-        f"Wrote {records:,} records to {output} "
+        f"Wrote {records:,} {kind} records to {output} "
         f"(irreducible MSE {metadata['irreducible_mse']:.5f}, "
         f"label variance {metadata['label_variance']:.5f})",
         highlight=False,

@@ -31,7 +31,7 @@ POWER = 0.8
 
 def scipy_stats() -> Any:
     """``scipy.stats``, imported only when a statistic is computed: it takes a second or more."""
-    from scipy import stats  # type: ignore[import-untyped]  # scipy ships no type stubs
+    from scipy import stats
 
     return stats
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calling_score_opt import report_cli
-from calling_score_opt.atomic import check_output_file
+from calling_score_opt.atomic import check_output_dir, check_output_file
 from calling_score_opt.console import console, fails_cleanly, print_table
 from calling_score_opt.errors import ConfigError, CsoError
 from calling_score_opt.registry_cli import registry_app
@@ -154,7 +154,7 @@ def _pct(value: float | None) -> str:
 
 def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
     summary = results["summary"]
-    ranked = sorted((v for v in results["variants"] if v["success"]), key=lambda v: v["rank"])
+    ranked = sorted((v for v in results["variants"] if "rank" in v), key=lambda v: v["rank"])
     repeats = results["settings"]["repeats"]
     table = Table(
         title=f"Top {min(5, len(ranked))} variants by validation loss", title_justify="left"
@@ -339,6 +339,7 @@ def search(
     """
     from calling_score_opt.progress import SearchProgress
     from calling_score_opt.search import SearchSettings, run_search
+    from calling_score_opt.study import redact_url
     from calling_score_opt.trials import load_study
 
     settings = SearchSettings(
@@ -362,14 +363,24 @@ def search(
     with SearchProgress(console, quiet) as progress:
         outcome = run_search(settings, progress)
     counts = ", ".join(f"{n} {state.lower()}" for state, n in outcome.counts.items())
-    console.print(f"Study '{study}' in {escape(outcome.storage)}: {counts}.", highlight=False)
-    _print_best(load_study(outcome.storage, study))
+    console.print(
+        f"Study '{study}' in {escape(redact_url(outcome.storage))}: {counts}.", highlight=False
+    )
+    _print_best(load_study(outcome.storage, study), outcome.storage, artifacts, data_path, target)
 
 
-def _trials_table(rows: list[dict[str, Any]], title: str) -> Table:
+def _trials_table(
+    rows: list[dict[str, Any]], title: str, objectives: tuple[str, ...] = ("val_loss",)
+) -> Table:
+    """One row per trial; a grid's variant name, and every objective of a Pareto study."""
+    named = any(row["name"] != f"trial_{row['number']}" for row in rows)
     table = Table(title=title, title_justify="left")
-    for column in ("#", "state", "parameters", "val loss", "test loss", "epochs", "time"):
-        table.add_column(column, justify="left" if column in ("state", "parameters") else "right")
+    columns = ["#", *(["variant"] if named else []), "state", "parameters", "val loss"]
+    columns += [OBJECTIVE_COLUMNS.get(o, o) for o in objectives[1:]]  # params, latency
+    columns += ["test loss", "epochs", "time"]
+    for column in columns:
+        left = column in ("variant", "state", "parameters")
+        table.add_column(column, justify="left" if left else "right", no_wrap=column == "variant")
     for row in rows:
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["params"].items()
@@ -377,44 +388,91 @@ def _trials_table(rows: list[dict[str, Any]], title: str) -> Table:
         state = row["state"].lower()
         if row["error"]:
             state += f": {row['error'][:60]}"
-        table.add_row(
-            str(row["number"]),
+        values = row["values"] or []
+        cells = [str(row["number"]), *([escape(row["name"])] if named else [])]
+        cells += [
             escape(state),
             escape(params),
             "" if row["val_loss"] is None else f"{row['val_loss']:.5f}",
+        ]
+        cells += [
+            _objective_value(objectives[i], values[i]) if i < len(values) else ""
+            for i in range(1, len(objectives))
+        ]
+        cells += [
             "" if row["test_loss"] is None else f"{row['test_loss']:.5f}",
             "" if row["epochs"] is None else str(row["epochs"]),
             "" if row["time_s"] is None else f"{row['time_s']:.1f}s",
-        )
+        ]
+        table.add_row(*cells)
     return table
 
 
-def _print_best(study_obj: Any) -> None:
+OBJECTIVE_COLUMNS = {"params": "model params", "latency": "latency (ms)"}
+
+
+def _objective_value(objective: str, value: float) -> str:
+    if objective == "params":
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if objective == "latency" else f"{value:.4g}"
+
+
+OBJECTIVE_TITLES = {"params": "parameters", "latency": "latency"}
+
+
+def _objectives(study_obj: Any) -> tuple[str, ...]:
+    names = study_obj.metric_names or str(study_obj.user_attrs.get("objectives", "")).split(",")
+    if len(names) != len(study_obj.directions):
+        return ("val_loss", *(f"objective {i}" for i in range(1, len(study_obj.directions))))
+    return tuple(names)
+
+
+def _print_best(
+    study_obj: Any,
+    url: str,
+    artifacts: Path | None,
+    data_path: Path | None = None,
+    target: str | None = None,
+) -> None:
+    """The best trial (or Pareto front), then the best against the baseline on the test split,
+    with the same paired-bootstrap interval and verdict as the grid's summary."""
     from calling_score_opt.errors import StudyError
-    from calling_score_opt.trials import best_trials, trial_row
+    from calling_score_opt.study import artifact_store, default_artifact_dir
+    from calling_score_opt.trials import best_trials, compare_best_with_baseline, trial_row
 
     try:
         best = best_trials(study_obj)
     except StudyError as exc:
         console.print(escape(str(exc)))
         return
+    objectives = _objectives(study_obj)
     title = (
         "Pareto front (validation loss vs "
-        + ("parameters)" if "params" in str(study_obj.user_attrs.get("objectives")) else "latency)")
-        if len(best) > 1 or len(study_obj.directions) > 1
+        + " and ".join(OBJECTIVE_TITLES.get(o, o) for o in objectives[1:])
+        + ")"
+        if len(objectives) > 1
         else "Best trial (lowest validation loss)"
     )
-    print_table(_trials_table([trial_row(t) for t in best], title))
-    baseline = next((t for t in study_obj.get_trials(deepcopy=False) if t.number == 0), None)
-    top = best[0]
-    if baseline is not None and baseline.values and top.number != 0 and len(best) == 1:
-        base, new = baseline.user_attrs.get("test_loss"), top.user_attrs.get("test_loss")
-        if base and new is not None:
-            console.print(
-                f"Baseline (trial 0): val {baseline.values[0]:.5f}, test {base:.5f}; best trial "
-                f"{top.number} improves test loss by {(base - new) / base * 100:+.2f}%",
-                highlight=False,
-            )
+    print_table(_trials_table([trial_row(t) for t in best], title, objectives))
+    store = artifact_store(artifacts or default_artifact_dir(url, study_obj.study_name))
+    comparison = compare_best_with_baseline(study_obj, store, data_path, target)
+    baseline = comparison.baseline
+    top = comparison.best
+    lead = f"Trial {top.number}" + (" (lowest validation loss)" if len(best) > 1 else "")
+    if baseline is None or comparison.bootstrap is None:
+        console.print(f"{lead}: no comparison with the baseline ({comparison.note}).")
+        return
+    boot = comparison.bootstrap
+    low, high = boot["ci95_pct"]
+    console.print(
+        f"Baseline: trial {baseline.number}, val {baseline.values[0]:.5f}, "
+        f"test {baseline.user_attrs.get('test_loss', float('nan')):.5f}\n"
+        f"{lead} against the baseline on the test split: "
+        f"{boot['test_mse_improvement_pct']:+.2f}% test MSE, 95% paired-bootstrap interval "
+        f"{low:+.2f}% .. {high:+.2f}%: {boot['verdict']}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -424,7 +482,7 @@ def trials(
     storage: Storage = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Show only the last N trials.")] = None,
 ) -> None:
-    """List a study's trials: number, state, parameters, losses, epochs and time.
+    """List a study's trials: number, variant (grid), state, parameters, losses, epochs, time.
 
     Example: cso trials --study calling-score-grid
     """
@@ -433,22 +491,35 @@ def trials(
 
     loaded = load_study(storage or default_storage_url(study), study)
     rows = [trial_row(t) for t in loaded.get_trials(deepcopy=False)]
-    if limit is not None:
+    title = f"Study '{study}': {len(rows)} trials"
+    if limit is not None and limit < len(rows):
+        title = f"Study '{study}': the last {limit} of {len(rows)} trials"
         rows = rows[-limit:]
-    print_table(_trials_table(rows, f"Study '{study}': {len(rows)} trials"))
+    print_table(_trials_table(rows, title, _objectives(loaded)))
 
 
 @app.command()
 @fails_cleanly
-def best(study: Study = SEARCH_STUDY, storage: Storage = None) -> None:
-    """Show the best trial (or the Pareto front of a multi-objective study).
+def best(
+    study: Study = SEARCH_STUDY,
+    storage: Storage = None,
+    artifacts: Artifacts = None,
+    data_path: Annotated[
+        Path | None,
+        typer.Option(help="The study's data, for the test-split interval. (default: recorded)"),
+    ] = None,
+    target: Target = None,
+) -> None:
+    """Show the best trial (or the Pareto front) and how it does against the baseline on the
+    test split, with a 95% paired-bootstrap interval.
 
-    Example: cso best --study calling-score-search
+    Example: cso best --study calling-score-grid
     """
     from calling_score_opt.study import default_storage_url
     from calling_score_opt.trials import load_study
 
-    _print_best(load_study(storage or default_storage_url(study), study))
+    url = storage or default_storage_url(study)
+    _print_best(load_study(url, study), url, artifacts, data_path, target)
 
 
 @app.command()
@@ -459,6 +530,20 @@ def export(
     top: Annotated[
         int | None, typer.Option(min=1, help="Export the K trials with the lowest val loss.")
     ] = None,
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble",
+            help="Export the best ensemble of the study's complete trials as one ONNX model "
+            "(greedy selection with replacement on validation predictions).",
+        ),
+    ] = False,
+    max_members: Annotated[
+        int, typer.Option(min=1, help="--ensemble: at most K distinct trials in it.")
+    ] = 8,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="--ensemble: picks of the greedy selection (best kept).")
+    ] = 50,
     output_dir: Annotated[
         Path, typer.Option(help="Where the ONNX files and optimization_results.json go.")
     ] = Path("assets/models/exported"),
@@ -471,21 +556,35 @@ def export(
     ] = None,
     target: Target = None,
 ) -> None:
-    """Export stored trials to ONNX (no retraining), verified against onnxruntime.
+    """Export stored trials, or their best ensemble, to ONNX (no retraining), verified against
+    onnxruntime. optimization_results.json in the output folder gains their entries.
 
-    Example: cso export --best   |   cso export --trial 12 --output-dir assets/models
+    Example: cso export --best   |   cso export --trial 12   |   cso export --ensemble
     """
-    from calling_score_opt.errors import ConfigError
     from calling_score_opt.study import default_storage_url
     from calling_score_opt.trials import export_trials, load_study, select_trials
 
-    if sum((trial is not None, best_, top is not None)) != 1:
-        raise ConfigError("say which trials to export: exactly one of --trial N, --best, --top K")
+    chosen_modes = (trial is not None, best_, top is not None, ensemble)
+    if sum(chosen_modes) != 1:
+        raise ConfigError(
+            "say what to export: exactly one of --trial N, --best, --top K, --ensemble"
+        )
+    check_output_dir(output_dir, "--output-dir")
     url = storage or default_storage_url(study)
     loaded = load_study(url, study)
+    if ensemble:
+        from calling_score_opt.ensemble import build_ensemble
+
+        with console.status("building the ensemble: scoring every complete trial..."):
+            outcome = build_ensemble(
+                loaded, output_dir, url, artifacts, data_path, target, max_members, rounds
+            )
+        _print_ensemble(outcome.record, outcome.export.parity_max_abs_diff)
+        console.print(f"Results: {escape(str(outcome.results_path))}", highlight=False)
+        return
     chosen = select_trials(loaded, number=trial, best=best_, top=top)
     exported = export_trials(loaded, chosen, output_dir, url, artifacts, data_path, target)
-    for entry in exported.results["variants"]:
+    for entry in exported.entries:
         console.print(
             f"trial {entry['trial_number']}: {escape(entry['onnx_path'])} "
             f"(val {entry['val_loss']:.5f}, test {entry['test_loss']:.5f}, "
@@ -493,6 +592,58 @@ def export(
             highlight=False,
         )
     console.print(f"Results: {escape(str(exported.results_path))}", highlight=False)
+
+
+def _interval_line(label: str, comparison: dict[str, Any] | None) -> str:
+    if comparison is None:
+        return f"  vs {label}: n/a"
+    low, high = comparison["ci95_pct"]
+    return (
+        f"  vs {label}: {comparison['test_mse_improvement_pct']:+.2f}% test MSE, 95% "
+        f"paired-bootstrap interval {low:+.2f}% .. {high:+.2f}%: {comparison['verdict']}"
+    )
+
+
+def _print_ensemble(record: dict[str, Any], parity: float) -> None:
+    console.print(
+        f"[bold]Ensemble of {len(record['members'])} trials[/] ({record['rounds']} picks from "
+        f"{record['candidates']} complete trials, {record['method']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    table = Table()
+    for column in ("model", "weight", "val loss", "test loss"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row("ensemble", "", f"{record['val_loss']:.5f}", f"{record['test_loss']:.5f}")
+    for member in record["members"]:
+        table.add_row(
+            escape(member["name"]),
+            f"{member['weight']:.2f}",
+            f"{member['val_loss']:.5f}",
+            f"{member['test_loss']:.5f}",
+        )
+    print_table(table)
+    best, baseline = record["best_single"], record["baseline"]
+    lines = [
+        "Selected on the validation split; the test split only reports:",
+        _interval_line(f"the best single trial ({best['name']})", record["vs_best_single"]),
+        _interval_line(
+            f"the baseline ({baseline['name']})" if baseline else "the baseline",
+            record["vs_baseline"],
+        ),
+    ]
+    shares = record.get("explained_share")
+    if shares:
+        lines.append(
+            f"Explainable variance captured on the test split: ensemble "
+            f"{shares['ensemble']:.1%}, best single trial {shares['best_single']:.1%}"
+            + (f", baseline {shares['baseline']:.1%}" if shares["baseline"] is not None else "")
+        )
+    lines.append(
+        f"Model: {record['onnx_path']} ({record['size_bytes'] / 1024:.1f} KB, one file; "
+        f"onnxruntime parity {parity:.1e} on the test split)"
+    )
+    console.print("\n".join(escape(line) for line in lines), highlight=False, soft_wrap=True)
 
 
 @data_app.command("check")

@@ -61,7 +61,7 @@ def _metrics_line(record: ModelVersion) -> str:
     ]
     gain = metrics.get("improvement_vs_baseline")
     if isinstance(gain, int | float):
-        parts.append(f"{gain:+.2f}% test loss vs the grid's baseline")
+        parts.append(f"{gain:+.2f}% test loss vs the baseline trained with it")
     return ", ".join(parts) or "no training metrics in its metadata"
 
 
@@ -79,7 +79,17 @@ def register(
     variant: Annotated[
         str | None, typer.Option(help="Register grid variant NAME from --grid-dir.")
     ] = None,
-    study: Annotated[str, typer.Option(help="Optuna study of --trial.")] = "calling-score-search",
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble",
+            help="Build the best ensemble of --study's complete trials (as cso export "
+            "--ensemble) and register it.",
+        ),
+    ] = False,
+    study: Annotated[str, typer.Option(help="Optuna study of --trial or --ensemble.")] = (
+        "calling-score-search"
+    ),
     storage: Annotated[
         str | None,
         typer.Option(help="Storage URL of --study (default: sqlite:///studies/<study>.db)."),
@@ -101,21 +111,24 @@ def register(
 ) -> None:
     """Register a model as a new staging version (refused if it breaks the ONNX contract).
 
-    Exactly one of --model PATH, --trial N (exported from --study) or --variant NAME (from
-    --grid-dir). Training metrics come from the model's metadata and the grid's results.
+    Exactly one of --model PATH, --trial N (exported from --study), --variant NAME (from
+    --grid-dir) or --ensemble (the best ensemble of --study's trials). Training metrics come
+    from the model's metadata and the results file beside it.
 
     Example: cso registry register --version v1.1 --variant v1_1_lr_0.0005 --data-source synthetic
     """
     from calling_score_opt.registry import (
         Registration,
+        register_ensemble,
         register_model,
         register_trial,
         register_variant,
     )
 
-    if sum(x is not None for x in (model, trial, variant)) != 1:
+    if sum((model is not None, trial is not None, variant is not None, ensemble)) != 1:
         raise RegistryError(
-            "say which model to register: exactly one of --model PATH, --trial N, --variant NAME"
+            "say which model to register: exactly one of --model PATH, --trial N, "
+            "--variant NAME, --ensemble"
         )
     registration = Registration(
         version=version,
@@ -131,9 +144,12 @@ def register(
     else:
         from calling_score_opt.study import default_storage_url
 
-        assert trial is not None
         url = storage or default_storage_url(study)
-        record = register_trial(registry, registration, trial, study, url, versions_dir)
+        if ensemble:
+            record = register_ensemble(registry, registration, study, url, versions_dir)
+        else:
+            assert trial is not None
+            record = register_trial(registry, registration, trial, study, url, versions_dir)
     name = escape(record.version)
     console.print(f"Registered {model_type} version {name} (staging)", highlight=False)
     console.print(

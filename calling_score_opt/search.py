@@ -131,6 +131,8 @@ def _open_search_study(
         )
     open_study(storage, settings.study_name, _identity(settings, dataset), settings.objective_names)
     study.set_user_attr("data_path", str(settings.data_path))
+    if settings.target is not None:  # a CSV's label column: export and best read it back
+        study.set_user_attr("target", settings.target)
     return study, artifact_store(settings.artifacts)
 
 

@@ -247,7 +247,8 @@ def study_data(
         raise StudyError(
             f"{path}: the study's data file is missing; pass --data-path to the same data"
         )
-    dataset = load_dataset(path, target)
+    recorded_target = attrs.get("target")
+    dataset = load_dataset(path, target or (recorded_target if path.suffix == ".csv" else None))
     if dataset.fingerprint != attrs.get("data_fingerprint"):
         raise StudyError(
             f"{path}: is not the data study '{study.study_name}' was trained on "

@@ -176,7 +176,7 @@ def test_trials_lists_every_trial_with_its_state(
 
     limited = run_cli("trials", "--limit", "2")
     assert limited.exit_code == 0, limited.output
-    assert f"Study '{STUDY}': 2 trials" in limited.stdout
+    assert f"Study '{STUDY}': the last 2 of 8 trials" in limited.stdout
     _row(limited.stdout, 7)
     assert not re.search(r"^\W*5\W+pruned", limited.stdout, re.M)
 
@@ -216,11 +216,20 @@ def test_best_prints_the_trial_with_the_lowest_validation_loss(
     assert f"{best.values[0]:.5f}" in row
     others = [t.number for t in stored_trials if t.number != best.number]
     assert not any(re.search(rf"^\W*{n}\W+complete", out, re.M) for n in others)
-    if best.number != 0:
-        base = stored_trials[0].user_attrs["test_loss"]
-        new = best.user_attrs["test_loss"]
-        assert f"Baseline (trial 0): val {stored_trials[0].values[0]:.5f}" in out
-        assert f"improves test loss by {(base - new) / base * 100:+.2f}%" in out
+    assert best.number != 0  # the data makes a tuned trial beat the baseline
+    base = stored_trials[0].user_attrs["test_loss"]
+    new = best.user_attrs["test_loss"]
+    assert f"Baseline: trial 0, val {stored_trials[0].values[0]:.5f}, test {base:.5f}" in out
+    line = next(x for x in out.splitlines() if "against the baseline on the test split" in x)
+    assert f"Trial {best.number} against the baseline" in line
+    # the gain is computed from the stored models' test predictions: the stored test losses
+    assert f"{(base - new) / base * 100:+.2f}% test MSE" in line
+    found = re.search(r"interval ([+-][\d.]+)% \.\. ([+-][\d.]+)%", line)
+    assert found is not None, line
+    low, high = float(found.group(1)), float(found.group(2))
+    assert low <= (base - new) / base * 100 <= high
+    verdict = "better than" if low > 0 else "worse than" if high < 0 else "within noise"
+    assert verdict in line
 
 
 def test_best_of_a_missing_study_fails_cleanly(run_cli: RunCli) -> None:
@@ -472,8 +481,11 @@ def test_best_and_export_of_a_two_objective_study(
     result = run_cli("best", "--study", "mo")
     assert result.exit_code == 0, result.output
     assert "Pareto front (validation loss vs parameters)" in result.stdout
+    assert "model params" in result.stdout  # the size objective has its own column
     for trial in front:
-        assert f"{trial.values[0]:.5f}" in _row(result.stdout, trial.number)
+        row = _row(result.stdout, trial.number)
+        assert f"{trial.values[0]:.5f}" in row
+        assert f"{trial.values[1]:,.0f}" in row  # e.g. 13,441
     dominated = {t.number for t in study.get_trials()} - {t.number for t in front}
     for number in dominated:
         assert not re.search(rf"^\W*{number}\W+complete", result.stdout, re.M)
@@ -570,3 +582,107 @@ def test_export_of_two_runs_of_one_grid_variant_keeps_both(
         scores = onnx_predict(tmp_path / entry["onnx_path"], split.x_test)
         mse = float(np.mean((scores.astype(np.float64) - split.y_test) ** 2))
         assert mse == pytest.approx(entry["test_loss"], abs=1e-6), entry["trial_number"]
+
+
+def test_best_on_a_grid_compares_with_the_baseline_variant_not_trial_0(
+    run_cli: RunCli, data_copy: Path, tmp_path: Path
+) -> None:
+    """The grid runs its longest jobs first, so trial 0 is v1_1_batch_16; every command must
+    find the baseline the same way, and report the grid summary's own figures."""
+    grid = run_cli(
+        "grid",
+        "--data-path",
+        data_copy,
+        "--output-dir",
+        "grid-out",
+        "--max-variants",
+        "8",
+        "--epochs",
+        "3",
+        "--jobs",
+        "1",
+        "--quiet",
+    )
+    assert grid.exit_code == 0, grid.output
+    study = optuna.load_study(
+        study_name="calling-score-grid", storage="sqlite:///studies/calling-score-grid.db"
+    )
+    first = min(study.get_trials(), key=lambda t: t.number)
+    assert first.user_attrs["variant"] == "v1_1_batch_16"
+    summary = _results(tmp_path / "grid-out")["summary"]
+    baseline = next(t for t in study.get_trials() if t.user_attrs["variant"] == "v1_0_baseline")
+
+    result = run_cli("best", "--study", "calling-score-grid")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "v1_1_batch_16" not in out.split("Baseline:")[1]
+    assert f"Baseline: trial {baseline.number}, val {baseline.values[0]:.5f}" in out
+    if summary["best"]["name"] != "v1_0_baseline":
+        boot = summary["bootstrap"]
+        low, high = boot["ci95_pct"]
+        assert f"{boot['test_mse_improvement_pct']:+.2f}% test MSE" in out
+        assert f"interval {low:+.2f}% .. {high:+.2f}%" in out
+    else:
+        assert "the baseline itself is the best trial" in out
+
+
+def test_export_merges_into_the_results_file_instead_of_replacing_it(
+    run_cli: RunCli, study_here: Path, tmp_path: Path, stored_trials: list[FrozenTrial]
+) -> None:
+    ranked = sorted(_complete(stored_trials), key=lambda t: t.values[0])
+    worse, better = ranked[-1], ranked[0]
+    for number in (better.number, worse.number):  # the better one first, then a worse one
+        result = run_cli("export", "--trial", str(number), "--output-dir", "out")
+        assert result.exit_code == 0, result.output
+    results = _results(tmp_path / "out")
+    by_number = {e["trial_number"]: e for e in results["variants"]}
+    assert set(by_number) == {better.number, worse.number}  # nothing dropped
+    assert by_number[better.number]["rank"] == 1
+    assert by_number[worse.number]["rank"] == 2
+    assert results["summary"]["best_variant"] == f"trial_{better.number}"
+    assert results["summary"]["exported"] == 2
+    # exporting a trial again updates its entry, it does not add a second one
+    again = run_cli("export", "--trial", str(worse.number), "--output-dir", "out")
+    assert again.exit_code == 0, again.output
+    assert len(_results(tmp_path / "out")["variants"]) == 2
+
+
+def test_export_refuses_a_folder_that_holds_another_studys_results(
+    run_cli: RunCli, study_here: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = {
+        "study": {"name": "other"},
+        "data": {"fingerprint": "x"},
+        "variants": [],
+        "summary": {},
+    }
+    (out / RESULTS_FILENAME).write_text(json.dumps(foreign), encoding="utf-8")
+    before = (out / RESULTS_FILENAME).read_bytes()
+    result = run_cli("export", "--trial", "0", "--output-dir", out)
+    assert_clean_failure(result, "holds the models of study 'other'", "--output-dir")
+    assert (out / RESULTS_FILENAME).read_bytes() == before
+    assert list(out.glob("*.onnx")) == []
+
+
+@pytest.mark.parametrize("damage", ["not json {", "[1, 2]"])
+def test_export_refuses_to_overwrite_an_unreadable_results_file(
+    run_cli: RunCli, study_here: Path, tmp_path: Path, damage: str
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RESULTS_FILENAME).write_text(damage, encoding="utf-8")
+    result = run_cli("export", "--trial", "0", "--output-dir", out)
+    assert_clean_failure(result, RESULTS_FILENAME, "move it away or pass another --output-dir")
+    assert (out / RESULTS_FILENAME).read_text(encoding="utf-8") == damage
+
+
+def test_export_to_an_output_dir_that_is_a_file_fails_cleanly(
+    run_cli: RunCli, study_here: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    result = run_cli("export", "--trial", "0", "--output-dir", tmp_path / "afile")
+    assert_clean_failure(result, "--output-dir", "is a file, not a folder")
+    result = run_cli("export", "--trial", "0", "--output-dir", tmp_path / "afile" / "sub")
+    assert_clean_failure(result, "--output-dir", "is a file, not a folder")

@@ -109,6 +109,7 @@ from calling_score_opt.registry.records import (
 from calling_score_opt.registry.registration import (
     Registration,
     add_version,
+    register_ensemble,
     register_model,
     register_trial,
     register_variant,
@@ -201,6 +202,7 @@ __all__ = [
     "parse_registry",
     "promote",
     "read_outcomes",
+    "register_ensemble",
     "register_model",
     "register_trial",
     "register_variant",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC
@@ -218,8 +218,79 @@ def register_trial(
     test split); it goes to a temporary folder first, so a refused registration leaves nothing.
     Neither the registry nor the exported results file keeps the storage URL's password.
     """
+    from calling_score_opt.trials import export_trials, select_trials
+
+    def export(study: Any, staged_dir: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+        chosen = select_trials(study, number=trial)
+        exported = export_trials(study, chosen, staged_dir, storage_url)
+        completed = chosen[0].datetime_complete
+        trained = completed.astimezone(UTC).isoformat(timespec="seconds") if completed else None
+        return exported.results, exported.results_path, {**exported.entries[0], "_at": trained}
+
+    return _register_from_study(
+        registry_path,
+        registration,
+        study_name,
+        storage_url,
+        versions_dir,
+        export,
+        trial_source(study_name, storage_url, trial),
+    )
+
+
+def register_ensemble(
+    registry_path: Path,
+    registration: Registration,
+    study_name: str,
+    storage_url: str,
+    versions_dir: Path = DEFAULT_VERSIONS_DIR,
+    max_members: int | None = None,
+) -> ModelVersion:
+    """Build the best ensemble of a study's complete trials (as ``cso export --ensemble``) into
+    ``<versions_dir>/<model_type>/<version>/`` and register it as a staging version.
+
+    The ensemble is selected afresh from the study's stored trials (deterministic: the same
+    trials give the same members and weights) and recorded in the study, like every export.
+    """
+    from calling_score_opt.ensemble import DEFAULT_MAX_MEMBERS, build_ensemble
     from calling_score_opt.study import redact_url
-    from calling_score_opt.trials import export_trials, load_study, select_trials
+
+    members: list[dict[str, Any]] = []
+
+    def export(study: Any, staged_dir: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+        built = build_ensemble(
+            study, staged_dir, storage_url, max_members=max_members or DEFAULT_MAX_MEMBERS
+        )
+        members.extend(built.record["members"])
+        (entry,) = [v for v in built.results["variants"] if v.get("kind") == "ensemble"]
+        return built.results, built.results_path, {**entry, "_at": None}
+
+    source: dict[str, Any] = {
+        "kind": "study_ensemble",
+        "study": study_name,
+        "storage": redact_url(storage_url),
+        "members": members,  # filled in by the export, before the version is written
+    }
+    return _register_from_study(
+        registry_path, registration, study_name, storage_url, versions_dir, export, source
+    )
+
+
+ExportToStaging = Callable[[Any, Path], tuple[dict[str, Any], Path, dict[str, Any]]]
+
+
+def _register_from_study(
+    registry_path: Path,
+    registration: Registration,
+    study_name: str,
+    storage_url: str,
+    versions_dir: Path,
+    export: ExportToStaging,
+    source: dict[str, Any],
+) -> ModelVersion:
+    """Export from a study into a staging folder, check the model, and register it; the
+    staging folder becomes ``<versions_dir>/<model_type>/<version>/`` only on success."""
+    from calling_score_opt.trials import load_study
 
     refuse_existing(load_registry(registry_path), registration)
     final_dir = versions_dir / registration.model_type / registration.version
@@ -230,18 +301,12 @@ def register_trial(
         )
     with secrets_kept_out(storage_url):
         study = load_study(storage_url, study_name)
-        chosen = select_trials(study, number=trial)
     staged_dir = versions_dir / f".staging-{registration.version}-{secrets.token_hex(4)}"
     try:
         with secrets_kept_out(storage_url):
-            exported = export_trials(study, chosen, staged_dir, storage_url)
-        entry = exported.results["variants"][0]
+            results, results_path, entry = export(study, staged_dir)
         staged_model = Path(entry["onnx_path"])
         inspected = inspect_model(staged_model, registration.model_type)
-        completed = chosen[0].datetime_complete
-        trained_date = (
-            completed.astimezone(UTC).isoformat(timespec="seconds") if completed else None
-        )
         parity = {
             **inspected.parity,
             "export_max_abs_diff": entry["parity_max_abs_diff"],
@@ -257,19 +322,17 @@ def register_trial(
             variant=inspected.variant,
         )
         final_model = final_dir / staged_model.name
-        for entry in exported.results["variants"]:  # the results file moves with the model
-            entry["onnx_path"] = str(final_dir / Path(entry["onnx_path"]).name)
-        study_record = exported.results.get("study")
-        if isinstance(study_record, dict) and isinstance(study_record.get("storage"), str):
-            study_record["storage"] = redact_url(study_record["storage"])
-        write_text_atomic(exported.results_path, json.dumps(exported.results, indent=2) + "\n")
+        for variant in results["variants"]:  # the results file moves with the model
+            if variant.get("onnx_path"):
+                variant["onnx_path"] = str(final_dir / Path(variant["onnx_path"]).name)
+        write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
         return add_version(
             registry_path,
             registration,
             inspected,
             final_model,
-            trial_source(study_name, storage_url, trial),
-            trained_date=trained_date,
+            source,
+            trained_date=entry["_at"],
             staged_dir=staged_dir,
             final_dir=final_dir,
         )

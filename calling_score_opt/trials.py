@@ -31,11 +31,13 @@ from calling_score_opt.stats import F64, paired_bootstrap_improvement
 from calling_score_opt.study import (
     BASELINE_ATTR,
     BASELINE_VARIANT,
+    STUDIES_DIR,
     artifact_store,
     default_artifact_dir,
     open_storage,
     read_checkpoint,
     read_learning_curve,
+    redact_url,
     storage_of,
 )
 
@@ -50,25 +52,79 @@ if TYPE_CHECKING:
 
 
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
-    """The stored study, or a StudyError that lists the studies the storage does hold."""
+    """The stored study, or a StudyError that lists the studies there are (and where).
+
+    Raises:
+        StudyError: no such study; the message names the studies of ``storage_url``, or for a
+            missing default SQLite file those under studies/.
+    """
     import optuna
 
+    shown = redact_url(storage_url)
     if storage_url.startswith("sqlite:///") and not Path(storage_url[len("sqlite:///") :]).exists():
+        here = ", ".join(f"'{s.name}'" for s in list_studies()) or "none"
         raise StudyError(
-            f"no study '{study_name}': {storage_url} does not exist; pass --study and --storage "
-            "of an existing study, or run cso grid / cso search first"
+            f"no study '{study_name}': {shown} does not exist (studies under {STUDIES_DIR}/: "
+            f"{here}); pass --study NAME (and --storage URL), see cso studies, or run cso grid "
+            "/ cso search first"
         )
     storage = open_storage(storage_url, heartbeat=False)
     names = [
         s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
     ]
     if study_name not in names:
-        held = ", ".join(sorted(names)) or "none"
+        held = ", ".join(f"'{n}'" for n in sorted(names)) or "none"
         raise StudyError(
-            f"no study '{study_name}' in {storage_url} (studies there: {held}); "
-            "pass --study and --storage of an existing study, or run cso grid / cso search"
+            f"no study '{study_name}' in {shown} (studies there: {held}); pass --study NAME, "
+            "see cso studies, or run cso grid / cso search first"
         )
     return optuna.load_study(study_name=study_name, storage=storage)
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """One line of ``cso studies``."""
+
+    name: str
+    kind: str  # grid, search, or "?" for a study cso did not make
+    trials: int
+    complete: int
+    best_value: float | None  # lowest validation loss of a complete trial
+    best_trial: int | None
+    storage: str  # redacted
+
+
+def list_studies(storage_url: str | None = None) -> list[StudyInfo]:
+    """The studies of ``storage_url``, or of every SQLite file under studies/ (the default
+    storages: one file per study)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    urls = (
+        [storage_url]
+        if storage_url is not None
+        else [f"sqlite:///{p}" for p in sorted(STUDIES_DIR.glob("*.db"))]
+    )
+    found = []
+    for url in urls:
+        storage = open_storage(url, heartbeat=False)
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            trials = study.get_trials(deepcopy=False)
+            complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
+            best = min(complete, key=lambda t: t.values[0]) if complete else None
+            found.append(
+                StudyInfo(
+                    name=summary.study_name,
+                    kind=str(summary.user_attrs.get("kind", "?")),
+                    trials=len(trials),
+                    complete=len(complete),
+                    best_value=best.values[0] if best else None,
+                    best_trial=best.number if best else None,
+                    storage=redact_url(url),
+                )
+            )
+    return found
 
 
 def is_baseline(trial: FrozenTrial) -> bool:

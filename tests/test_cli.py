@@ -848,3 +848,37 @@ def test_a_refused_grid_prints_nothing_on_stdout(run_cli: RunCli, data_copy: Pat
     result = run_cli("grid", "--data-path", data_copy, "--device", "cuda", "--jobs", "1")
     assert_clean_failure(result, "--device cuda")
     assert result.stdout == ""
+
+
+def test_version(run_cli: RunCli) -> None:
+    from calling_score_opt import __version__
+
+    result = run_cli("--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"cso {__version__}"
+
+
+def test_ci_runs_the_readme_test_command_and_it_installs_the_cpu_wheel() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8").splitlines()
+    (command,) = [
+        line for line in readme if line.startswith("python3 -m venv") and "pytest" in line
+    ]
+    assert command in (root / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    # PyTorch's CPU index: on Linux, PyPI's torch wheel pulls gigabytes of CUDA libraries
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in command
+    (run,) = [line for line in readme if line.startswith("python3 -m venv") and "cso grid" in line]
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in run
+
+
+def test_no_doc_points_outside_the_repository() -> None:
+    root = Path(__file__).resolve().parent.parent
+    texts = [
+        root / "README.md",
+        *(root / "docs").glob("*.md"),
+        *(root / "calling_score_opt").rglob("*.py"),
+    ]
+    for path in texts:
+        text = path.read_text(encoding="utf-8")
+        assert "../shared" not in text, path
+        assert "CONTRACTS" not in text, path

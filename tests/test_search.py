@@ -527,6 +527,8 @@ def test_two_objectives_give_two_values_and_no_pruning(
             assert math.isfinite(trial.values[1]) and trial.values[1] > 0
     if objectives == "val_loss,params":
         assert trials[0].values[1] == 13_441  # the baseline's parameter count
+    # optuna-dashboard and Optuna's plots name the objectives instead of "Objective 0"
+    assert study.metric_names == objectives.split(",")
 
 
 # --- samplers ------------------------------------------------------------------------------

@@ -686,3 +686,72 @@ def test_export_to_an_output_dir_that_is_a_file_fails_cleanly(
     assert_clean_failure(result, "--output-dir", "is a file, not a folder")
     result = run_cli("export", "--trial", "0", "--output-dir", tmp_path / "afile" / "sub")
     assert_clean_failure(result, "--output-dir", "is a file, not a folder")
+
+
+# --- cso studies -------------------------------------------------------------------------------
+
+
+def test_studies_lists_every_study_with_its_kind_trials_and_best(
+    run_cli: RunCli, study_here: Path, stored_trials: list[FrozenTrial], data_copy: Path
+) -> None:
+    grid = run_cli(
+        "grid",
+        "--data-path",
+        data_copy,
+        "--max-variants",
+        "2",
+        "--epochs",
+        "2",
+        "--jobs",
+        "1",
+        "-q",
+    )
+    assert grid.exit_code == 0, grid.output
+    result = run_cli("studies")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "2 studies" in out
+    best = min(_complete(stored_trials), key=lambda t: t.values[0])
+    search_row = next(line for line in out.splitlines() if STUDY in line)
+    assert "search" in search_row and " 8 " in search_row and " 5 " in search_row
+    assert f"{best.values[0]:.5f} (#{best.number})" in search_row
+    assert f"sqlite:///studies/{STUDY}.db" in search_row
+    grid_row = next(line for line in out.splitlines() if "calling-score-grid" in line)
+    assert "grid" in grid_row and " 2 " in grid_row
+
+
+def test_studies_with_nothing_there_says_what_to_do(run_cli: RunCli) -> None:
+    result = run_cli("studies")
+    assert result.exit_code == 0, result.output
+    assert "No studies in studies/ yet: run cso grid or cso search first." in result.stdout
+
+
+def test_a_missing_study_names_the_studies_there_are(run_cli: RunCli, study_here: Path) -> None:
+    """After the README's cso grid, cso trials (default: the search study) must say where the
+    grid's study is instead of only that the search study is missing."""
+    for command in (("trials",), ("best",), ("export", "--trial", "3")):
+        result = run_cli(*command, "--study", "calling-score-grid")
+        assert_clean_failure(
+            result, "no study 'calling-score-grid'", f"'{STUDY}'", "see cso studies"
+        )
+
+
+def test_trials_shows_each_grid_trials_variant(run_cli: RunCli, data_copy: Path) -> None:
+    grid = run_cli(
+        "grid",
+        "--data-path",
+        data_copy,
+        "--max-variants",
+        "2",
+        "--epochs",
+        "2",
+        "--jobs",
+        "1",
+        "-q",
+    )
+    assert grid.exit_code == 0, grid.output
+    result = run_cli("trials", "--study", "calling-score-grid")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "state" in line)
+    assert "variant" in header
+    assert "v1_0_baseline" in result.stdout and "v1_1_lr_0.0001" in result.stdout

@@ -170,12 +170,14 @@ def build_ensemble(
     target: str | None = None,
     max_members: int = DEFAULT_MAX_MEMBERS,
     rounds: int = DEFAULT_ROUNDS,
+    final_dir: Path | None = None,
 ) -> EnsembleOutcome:
     """Select, export (verified, one file) and record the best ensemble of the study's trials.
 
     The record goes to the study (an ``ensemble-<time>.json`` artifact, which ``cso report``
-    and ``cso registry register --study S --ensemble`` read) and, as an entry named
-    ``ensemble``, into the output folder's optimization_results.json.
+    draws) and, as an entry named ``ensemble``, into the output folder's
+    optimization_results.json. ``final_dir``: where the files will live once moved (the
+    registry exports to a staging folder first); the record names the file there.
 
     Raises:
         StudyError: no complete trial, weights or data missing, or another study's results file.
@@ -274,7 +276,7 @@ def build_ensemble(
         "baseline": _reference(baseline, data) if baseline else None,
         "vs_best_single": vs_best,
         "vs_baseline": vs_baseline,
-        "onnx_path": str(onnx_path),
+        "onnx_path": str((final_dir or output_dir) / ONNX_FILENAME),
         "size_bytes": report.size_bytes,
     }
     floor = data.dataset.irreducible_mse

@@ -273,6 +273,10 @@ def test_register_the_ensemble_from_the_study_and_from_its_file(
     assert Path(record.model_path).is_file()
     assert record.source["kind"] == "study_ensemble"
     assert record.source["members"]
+    # the study's record of this ensemble names the registered file, not the staging folder
+    store = artifact_store(study_here / f"{STUDY}.artifacts")
+    recorded = read_study_json(store, _load(), ENSEMBLE_STEM)
+    assert recorded is not None and Path(recorded["onnx_path"]) == Path(record.model_path)
     assert record.training_metrics["improvement_vs_baseline"] is not None
 
     exported = run_cli("export", "--ensemble", "--output-dir", "out")

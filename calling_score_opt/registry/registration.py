@@ -259,7 +259,11 @@ def register_ensemble(
 
     def export(study: Any, staged_dir: Path) -> tuple[dict[str, Any], Path, dict[str, Any]]:
         built = build_ensemble(
-            study, staged_dir, storage_url, max_members=max_members or DEFAULT_MAX_MEMBERS
+            study,
+            staged_dir,
+            storage_url,
+            max_members=max_members or DEFAULT_MAX_MEMBERS,
+            final_dir=versions_dir / registration.model_type / registration.version,
         )
         members.extend(built.record["members"])
         (entry,) = [v for v in built.results["variants"] if v.get("kind") == "ensemble"]

@@ -45,6 +45,7 @@ from calling_score_opt.train import (
     TrainResult,
     _mse,
     _single_thread,
+    mean_predictor_loss,
     resolve_device,
 )
 
@@ -413,10 +414,12 @@ def train_stacked(
     """Train every config on ``split`` as one stacked model; one result per config, in order.
 
     Each result is what ``train_model(split, config, device)`` returns (a ``TrainingError`` in the
-    slot of a member whose loss became non-finite; the others go on), except that
-    ``training_time_s`` is the wall time from the start of the stacked run until that member
-    finished (it left the stack and its final losses were computed): the members shared that
-    time. ``on_epoch(index, stats)`` is called for every active member after every epoch, with
+    slot of a member whose loss became non-finite; the others go on), except for the time:
+    ``training_time_s`` is the member's share of the stack's wall time (the set-up split among
+    all members, each epoch's time among the members still training in it, its own final
+    evaluation its own), so a stack's shares add up to its wall time, ``stack_wall_time_s``;
+    ``stack_size`` is ``len(configs)``. For a stack of one, the share is the wall time.
+    ``on_epoch(index, stats)`` is called for every active member after every epoch, with
     ``index`` its position in ``configs``; an exception it raises ends the whole run.
 
     Raises:
@@ -430,6 +433,19 @@ def train_stacked(
     started = time.perf_counter()
     first = configs[0]
     results: list[TrainResult | TrainingError | None] = [None] * len(configs)
+    # Each member's share of the wall time: every stretch of time since ``mark`` is charged to
+    # the members it was spent on, so the shares add up to the stack's wall time.
+    shares = [0.0] * len(configs)
+    mark = started
+
+    def charge(indices: Sequence[int]) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        for index in indices:
+            shares[index] += (now - mark) / len(indices)
+        mark = now
+
+    mean_val_loss = mean_predictor_loss(split)
     with _single_thread(dev):
         x_fit = add_pair_features(split.x_train) if first.pair_features else split.x_train
         scaling = Scaling.fit(x_fit)  # training split only
@@ -481,18 +497,23 @@ def train_stacked(
             x_t, y_t = torch.from_numpy(split.x_train), torch.from_numpy(split.y_train)
             x_v, y_v = torch.from_numpy(split.x_val), torch.from_numpy(split.y_val)
             x_s, y_s = torch.from_numpy(split.x_test), torch.from_numpy(split.y_test)
+            losses = _mse(model, x_t, y_t), _mse(model, x_v, y_v), _mse(model, x_s, y_s)
+            charge([index])  # its own final evaluation
             results[index] = TrainResult(
                 model=model,
                 config=member.config,
                 best_epoch=member.best_epoch,
                 epochs_run=len(member.history),
-                train_loss=_mse(model, x_t, y_t),
-                val_loss=_mse(model, x_v, y_v),
-                test_loss=_mse(model, x_s, y_s),
-                training_time_s=time.perf_counter() - started,
+                train_loss=losses[0],
+                val_loss=losses[1],
+                test_loss=losses[2],
+                training_time_s=shares[index],  # completed with the others' times at the end
                 history=member.history,
+                mean_predictor_val_loss=mean_val_loss,
+                stack_size=len(configs),
             )
 
+        charge(range(len(configs)))  # the set-up served every member
         for epoch in range(1, first.epochs + 1):
             order = torch.randperm(n_train, generator=shuffle).to(dev)
             x_epoch, y_epoch = x_train_scaled[order], y_train[order]
@@ -525,6 +546,7 @@ def train_stacked(
                     member.best_state = stack.member(position)
                 elif epoch - member.best_epoch >= config.patience:
                     leaving.append(position)  # stopped early
+            charge(active)  # this epoch, shared by the members that trained in it
             for position in leaving:
                 if results[active[position]] is None:
                     finish(active[position])
@@ -537,9 +559,13 @@ def train_stacked(
                 masks.set_members([configs[i].dropout for i in active])
         for index in active:
             finish(index)
+    wall = mark - started  # == sum(shares)
     finished: list[TrainResult | TrainingError] = []
-    for result in results:
+    for index, result in enumerate(results):
         assert result is not None
+        if isinstance(result, TrainResult):
+            result.training_time_s = shares[index]
+            result.stack_wall_time_s = wall
         finished.append(result)
     return finished
 

@@ -98,12 +98,26 @@ class TrainResult:
     train_loss: float  # all three: exact per-sample MSE of the restored model, eval mode
     val_loss: float
     test_loss: float
+    #: Trained alone: the run's wall time. Trained in a stack (``stacked.train_stacked``): this
+    #: member's share of the stack's wall time (each epoch's time split among the members still
+    #: training in it), so the shares of one stack add up to its wall time.
     training_time_s: float
     history: list[EpochStats] = field(default_factory=list)
+    #: The validation MSE of predicting the training labels' mean for every record: a model
+    #: that does no better has learned nothing (see :func:`mean_predictor_loss`).
+    mean_predictor_val_loss: float = math.nan
+    #: How many runs trained together in this one's stack (1: alone), and the stack's wall time.
+    stack_size: int = 1
+    stack_wall_time_s: float | None = None  # None: trained alone (training_time_s is the wall)
 
     @property
     def parameters(self) -> int:
         return count_parameters(self.model)
+
+    @property
+    def no_better_than_mean(self) -> bool:
+        """Whether the model predicts no better than a constant, the training labels' mean."""
+        return no_better_than_mean(self.val_loss, self.mean_predictor_val_loss)
 
     def metrics(self) -> dict[str, float | int]:
         """The run's figures as stored with trials and in ONNX metadata (test loss included:
@@ -123,6 +137,21 @@ class TrainResult:
         with torch.no_grad():
             out: Array = self.model(torch.from_numpy(x)).numpy()
         return out
+
+
+def mean_predictor_loss(split: Split) -> float:
+    """The validation MSE of the constant prediction ``mean(y_train)``, exactly (float64).
+
+    The yardstick of a model that learned nothing: a dead network (say, after too high a
+    learning rate) outputs one constant, and training pulls that constant towards this mean.
+    """
+    mean = float(np.mean(split.y_train, dtype=np.float64))
+    return float(np.mean((split.y_val.astype(np.float64) - mean) ** 2))
+
+
+def no_better_than_mean(val_loss: float, mean_predictor_val_loss: float) -> bool:
+    """Whether ``val_loss`` is no better than predicting the training mean (NaN: unknown, no)."""
+    return val_loss >= mean_predictor_val_loss
 
 
 def resolve_device(name: str) -> torch.device:
@@ -237,6 +266,7 @@ def train_model(
             test_loss=_mse(model, x_s, y_s),
             training_time_s=time.perf_counter() - started,
             history=history,
+            mean_predictor_val_loss=mean_predictor_loss(split),
         )
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -311,3 +312,43 @@ def test_a_sound_fused_adam_is_used(split: Split, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(stacked, "_FUSED_VERDICTS", {})
     trained(train_stacked(split, [replace(BASE, epochs=2)]))
     assert len(calls) >= 2 * 7  # one per batch (7 batches, 2 epochs), after the check
+
+
+# --- time: each member's share -------------------------------------------------------------
+
+
+def test_member_times_are_shares_that_add_up_to_the_stack_s_wall_time(split: Split) -> None:
+    # lr 0.05 with patience 1 stops after a few epochs; lr 0.0001 trains all 12
+    configs = [
+        replace(BASE, learning_rate=lr, epochs=12, patience=1) for lr in (0.05, 0.001, 0.0001)
+    ]
+    started = time.perf_counter()
+    results = trained(train_stacked(split, configs))
+    measured = time.perf_counter() - started
+    wall = results[0].stack_wall_time_s
+    assert wall is not None
+    assert 0 < wall <= measured
+    for result in results:
+        assert result.stack_size == 3
+        assert result.stack_wall_time_s == wall
+        assert 0 < result.training_time_s < wall
+    assert math.fsum(r.training_time_s for r in results) == pytest.approx(wall, rel=1e-9)
+    early, _, longest = results
+    assert early.epochs_run < longest.epochs_run == 12
+    assert early.training_time_s < longest.training_time_s  # it left the stack sooner
+
+
+def test_a_stack_of_one_reports_its_plain_wall_time(split: Split) -> None:
+    started = time.perf_counter()
+    result = stacked.train_one(split, replace(BASE, epochs=3))
+    measured = time.perf_counter() - started
+    assert result.stack_size == 1
+    assert result.training_time_s == result.stack_wall_time_s
+    assert 0.5 * measured < result.training_time_s <= measured
+
+
+def test_stacked_results_carry_the_mean_predictor_s_loss(split: Split) -> None:
+    from calling_score_opt.train import mean_predictor_loss
+
+    (result,) = trained(train_stacked(split, [replace(BASE, epochs=2)]))
+    assert result.mean_predictor_val_loss == mean_predictor_loss(split)

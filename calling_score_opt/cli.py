@@ -127,8 +127,8 @@ def grid(
     from calling_score_opt.grid import GridSettings, run_grid
     from calling_score_opt.progress import GridProgress
 
-    settings = GridSettings(
-        data_path=_data_path(data_path),
+    settings = GridSettings(  # checks the options and every output path before any work
+        data_path=data_path or DEFAULT_DATA,
         output_dir=output_dir,
         target=target,
         max_variants=max_variants,
@@ -141,6 +141,7 @@ def grid(
         storage_url=storage,
         artifact_dir=artifacts,
     )
+    _data_path(data_path)  # the default data, generated if missing, once the options are good
     with GridProgress(console, repeats, quiet) as progress:
         outcome = run_grid(settings, progress)
     _print_grid_summary(outcome.results, outcome.results_path)
@@ -152,12 +153,35 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2f}%"
 
 
+def _training_time(entry: dict[str, Any], repeats: int) -> str:
+    """A variant's training time, saying what it is: its share of the stack it trained in."""
+    seconds, size = entry["training_time_s"], entry.get("stack_size")
+    wall = entry.get("stack_wall_time_s")
+    seeds = f"; summed over {repeats} seeds" if repeats > 1 else ""
+    if size is None or wall is None:  # trials stored before cso recorded its stacks
+        return (
+            f"{seconds:.1f}s (the wall time of the stack it trained in, shared with the "
+            f"variants trained alongside it, if any{seeds})"
+        )
+    if size > 1:
+        together = f"its share of {size} variants trained together, {wall:.1f}s wall"
+        return f"{seconds:.1f}s ({together}{seeds})"
+    return f"{seconds:.1f}s (trained alone{seeds})"
+
+
 def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
     summary = results["summary"]
     ranked = sorted((v for v in results["variants"] if "rank" in v), key=lambda v: v["rank"])
     repeats = results["settings"]["repeats"]
+    stacked = any((v.get("stack_size") or 1) > 1 for v in ranked[:5])
     table = Table(
-        title=f"Top {min(5, len(ranked))} variants by validation loss", title_justify="left"
+        title=f"Top {min(5, len(ranked))} variants by validation loss",
+        title_justify="left",
+        caption="time: each variant's share of the stack it trained in (variants with the same "
+        "batch size and layers train together)"
+        if stacked
+        else None,
+        caption_justify="left",
     )
     for column in ("rank", "variant", "val loss", "test loss", "vs baseline", "epochs", "time"):
         if column == "variant":
@@ -176,16 +200,41 @@ def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
             f"{v['training_time_s']:.1f}s",
         )
     print_table(table)
+    dead = [v["name"] for v in ranked if v.get("no_better_than_mean")]
+    if dead:
+        console.print(
+            f"[bold yellow]warning:[/] {escape(', '.join(dead))}: no better than predicting the "
+            f"mean (validation MSE {summary['mean_predictor_val_loss']:.5f}): "
+            + ("it" if len(dead) == 1 else "they")
+            + " learned nothing (a learning rate too high, say); do not ship "
+            + ("it" if len(dead) == 1 else "them"),
+            highlight=False,
+            soft_wrap=True,
+        )
     if ranked:
         best = ranked[0]
         cfg = best["config"]
+        baseline = summary.get("baseline")
+        improvement = _pct(best["improvement_vs_baseline_pct"])
+        if baseline is None:
+            against = "no baseline to compare with: it did not train successfully"
+        elif baseline.get("trained_in_this_run", True):
+            against = f"improvement: {improvement} vs the baseline trained in this run"
+        else:
+            against = (
+                f"improvement: {improvement} vs the baseline of this study (not trained by this "
+                "run; same data and split)"
+            )
         lines = [
             f"[bold]🏆 BEST VARIANT: {best['name']}[/] (lowest validation loss"
             + (f", mean of {repeats} seeds)" if repeats > 1 else ")"),
-            f"Test Loss: {best['test_loss']:.5f} "
-            f"(improvement: {_pct(best['improvement_vs_baseline_pct'])} vs the baseline "
-            "trained in this run)",
+            f"Test Loss: {best['test_loss']:.5f} ({against})",
         ]
+        if best.get("no_better_than_mean"):
+            lines.append(
+                "[bold yellow]warning:[/] even the best variant is no better than predicting "
+                "the mean: no variant learned anything; check the data and the settings"
+            )
         boot = summary.get("bootstrap")
         if boot is not None:
             low, high = boot["ci95_pct"]
@@ -194,8 +243,8 @@ def _print_grid_summary(results: dict[str, Any], results_path: Path) -> None:
             )
         lines += [
             f"Val Loss: {best['val_loss']:.5f}",
-            f"Training Time: {best['training_time_s']:.1f}s "
-            f"(best epoch {best['best_epoch']} of {best['epochs_run']})",
+            f"Training Time: {_training_time(best, repeats)}, "
+            f"best epoch {best['best_epoch']} of {best['epochs_run']}",
             f"Model Size: {best['model_size_kb']} KB",
             f"Parameters: {best['parameters']:,}",
             "Configuration:",
@@ -248,11 +297,13 @@ def train(
 
     Example: cso train --learning-rate 0.0005 --batch-size 64 --hidden-sizes "256,128,64"
     """
+    from calling_score_opt.console import describe_os_error, err_console
     from calling_score_opt.data import load_dataset, require_trainable, split_dataset
     from calling_score_opt.export import export_onnx, model_metadata
     from calling_score_opt.space import parse_hidden_sizes
     from calling_score_opt.train import TrainConfig, train_model
 
+    check_output_file(output_path, "--output-path")  # now, not after the whole training
     config = TrainConfig(
         learning_rate=learning_rate,
         batch_size=batch_size,
@@ -273,7 +324,13 @@ def train(
     metadata = model_metadata(
         "custom", config, dataset.feature_names, result.metrics(), dataset.fingerprint
     )
-    report = export_onnx(result.model, output_path, split.x_test, metadata)
+    try:
+        report = export_onnx(result.model, output_path, split.x_test, metadata)
+    except OSError as exc:
+        raise CsoError(
+            describe_os_error(exc, f"cannot write {output_path}")
+            + " (the model trained, but it must be trained again)"
+        ) from exc
     console.print(
         f"Test Loss: {result.test_loss:.5f}\nVal Loss: {result.val_loss:.5f}\n"
         f"Train Loss: {result.train_loss:.5f}\n"
@@ -284,6 +341,16 @@ def train(
         f"{report.parity_max_abs_diff:.1e} on {report.parity_samples} test records)",
         highlight=False,
     )
+    if result.no_better_than_mean:  # a dead network: written as asked, but said out loud
+        err_console.print(
+            f"[bold yellow]warning:[/] this model predicts no better than the training labels' "
+            f"mean (validation MSE {result.val_loss:.5f}, the mean's "
+            f"{result.mean_predictor_val_loss:.5f}, best epoch {result.best_epoch}): it "
+            f"learned nothing; try a lower --learning-rate (this run: {learning_rate:g}), "
+            "e.g. 0.001",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 SEARCH_STUDY = "calling-score-search"

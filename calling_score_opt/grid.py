@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import statistics
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calling_score_opt.atomic import check_output_dir
 from calling_score_opt.data import (
     Array,
     Dataset,
@@ -47,17 +49,23 @@ from calling_score_opt.study import (
     StudyLocation,
     artifact_store,
     beating,
+    check_storage,
     claim_lock,
+    fail_interrupted,
     finish_trial,
     heartbeat_interval_s,
     open_storage,
     open_study,
     read_checkpoint,
+    redact_url,
     start_trial,
+    storage_of,
     study_identity,
 )
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     import optuna
     from optuna.trial import FrozenTrial
 
@@ -91,6 +99,10 @@ class GridSettings(StudyLocation):
                 raise ConfigError(f"{flag} must be at least 1, got {value}")
         if self.jobs < 1:
             raise ConfigError(f"--jobs must be at least 1, got {self.jobs}")
+        # Where the results go, checked before any work: not after the whole grid has trained.
+        check_storage(self.storage)
+        check_output_dir(self.output_dir, "--output-dir")
+        check_output_dir(self.artifacts, "--artifacts")
 
     @property
     def variants(self) -> tuple[Variant, ...]:
@@ -155,6 +167,13 @@ def _outcome(variant: Variant, repeat: int, seed: int, result: Any) -> RunOutcom
     if isinstance(result, CsoError):
         return RunOutcome(variant.name, repeat, seed, error=str(result))
     metrics: dict[str, Any] = result.metrics()
+    # training_time_s is this run's share of its stack's time; the stack's own figures beside it
+    metrics.update(
+        stack_wall_time_s=result.stack_wall_time_s
+        if result.stack_wall_time_s is not None
+        else result.training_time_s,
+        stack_size=result.stack_size,
+    )
     history = tuple((s.epoch, s.train_loss, s.val_loss) for s in result.history)
     checkpoint = checkpoint_bytes(result, _worker["feature_names"])
     return RunOutcome(
@@ -227,11 +246,75 @@ class _InlineExecutor:
         pass
 
 
+#: The exit status of a pool worker stopped by the main process (as after Ctrl-C).
+_STOPPED = 130
+
+
+def _stop_worker(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM from the main process, which owns the runs and fails them itself: stop, silently.
+
+    In a task, unwind it first (an export's temporary file is removed on the way out); idle,
+    exit at once. Either way without a traceback: the main process tells the user.
+    """
+    if _worker.get("busy"):
+        raise KeyboardInterrupt
+    os._exit(_STOPPED)
+
+
+def _task(fn: Callable[..., Any], /, *args: Any) -> Any:
+    """Run one task in a pool worker; stopped by the main process (SIGTERM), exit quietly."""
+    _worker["busy"] = True
+    try:
+        return fn(*args)
+    except KeyboardInterrupt:
+        os._exit(_STOPPED)  # not back to the pool's loop: it would print the exception
+    finally:
+        _worker["busy"] = False
+
+
+class _WorkerPool:
+    """A spawn process pool whose workers leave Ctrl-C to this process, and that can be stopped
+    at once (Ctrl-C, or an error here: their runs are failed here, no one waits for them)."""
+
+    def __init__(self, jobs: int, initargs: tuple[Any, ...]) -> None:
+        self._pool = ProcessPoolExecutor(
+            max_workers=jobs,
+            mp_context=multiprocessing.get_context("spawn"),  # fork + torch threads deadlock
+            initializer=_init_worker_with_names,
+            initargs=initargs,
+        )
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        from calling_score_opt.lifeline import starting_workers
+
+        # The pool starts its workers inside submit, from this (the main) thread: born with
+        # Ctrl-C blocked, they never see the terminal's SIGINT (see lifeline.worker_signals).
+        with starting_workers():
+            return self._pool.submit(_task, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait a little, SIGKILL the rest; then close the pool."""
+        from calling_score_opt.lifeline import stop_processes
+
+        # ProcessPoolExecutor has no public way to stop running tasks before Python 3.14
+        # (terminate_workers): its processes, by pid, are in _processes.
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
+        stop_processes(processes)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextlib.contextmanager
 def _executor(
     jobs: int, split: Split, device: str, feature_names: tuple[str, ...], observer: GridObserver
 ) -> Iterator[tuple[Any, Callable[[], None]]]:
-    """An executor plus a function that relays worker epoch events to ``observer``."""
+    """An executor plus a function that relays worker epoch events to ``observer``.
+
+    Left by an exception (Ctrl-C included), the workers are stopped at once instead of
+    finishing runs that no one would record.
+    """
     if jobs == 1:
         _init_worker_with_names(split, device, _DirectEvents(observer), feature_names)
         try:
@@ -239,14 +322,8 @@ def _executor(
         finally:
             _worker.clear()
         return
-    context = multiprocessing.get_context("spawn")  # fork + torch threads can deadlock
-    events = context.Queue()
-    pool = ProcessPoolExecutor(
-        max_workers=jobs,
-        mp_context=context,
-        initializer=_init_worker_with_names,
-        initargs=(split, device, events, feature_names),
-    )
+    events = multiprocessing.get_context("spawn").Queue()
+    pool = _WorkerPool(jobs, (split, device, events, feature_names))
 
     def drain() -> None:
         with contextlib.suppress(queue.Empty):
@@ -255,14 +332,24 @@ def _executor(
 
     try:
         yield pool, drain
+    except BaseException:
+        pool.stop()
+        raise
+    else:
+        pool.shutdown()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         events.close()
 
 
 def _init_worker_with_names(
     split: Split, device: str, events: Any, feature_names: tuple[str, ...]
 ) -> None:
+    from calling_score_opt.lifeline import exit_with_parent, worker_signals
+
+    # First: a worker ends with a killed cso, and leaves Ctrl-C to it. Both do nothing when
+    # this runs in the main process (--jobs 1).
+    exit_with_parent()
+    worker_signals(_stop_worker)
     _init_worker(split, device, events)
     _worker["feature_names"] = feature_names
 
@@ -360,6 +447,9 @@ def _variant_entry(
     chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
     attrs = chosen.user_attrs
     losses = {k: [t.user_attrs[k] for t in trials] for k in ("val_loss", "test_loss", "train_loss")}
+    # Trials stored before cso recorded stacks lack these: then their times are unexplained.
+    walls: list[Any] = [t.user_attrs.get("stack_wall_time_s") for t in trials]
+    sizes: list[Any] = [t.user_attrs.get("stack_size") for t in trials]
     entry.update(
         success=True,
         error=None,
@@ -370,7 +460,10 @@ def _variant_entry(
         test_loss_std=_std(losses["test_loss"]),
         best_epoch=attrs["best_epoch"],
         epochs_run=attrs["epochs_run"],
+        # its share of the stacks it trained in, summed over repeats; the stacks' own figures
         training_time_s=round(sum(t.user_attrs["training_time_s"] for t in trials), 3),
+        stack_wall_time_s=round(sum(walls), 3) if all(w is not None for w in walls) else None,
+        stack_size=max(sizes) if all(n is not None for n in sizes) else None,
         parameters=attrs["parameters"],
         model_size_bytes=export.size_bytes if export else None,
         model_size_kb=round(export.size_bytes / 1024, 1) if export else None,
@@ -394,6 +487,8 @@ def _variant_entry(
                         "training_time_s",
                     )
                 },
+                "stack_wall_time_s": t.user_attrs.get("stack_wall_time_s"),
+                "stack_size": t.user_attrs.get("stack_size"),
             }
             for t in sorted(trials, key=lambda t: t.user_attrs["repeat"])
         ],
@@ -408,10 +503,14 @@ def _summary(
     dataset: Dataset,
     seed: int,
 ) -> dict[str, Any]:
+    from calling_score_opt.train import mean_predictor_loss, no_better_than_mean
+
     ok = [e for e in entries if e["success"]]
     ok.sort(key=lambda e: e["val_loss"])
+    mean_loss = mean_predictor_loss(split)
     for rank, entry in enumerate(ok, start=1):
         entry["rank"] = rank
+        entry["no_better_than_mean"] = no_better_than_mean(entry["val_loss"], mean_loss)
     summary: dict[str, Any] = {
         "ranked_by": "val_loss",
         "variants": len(entries),
@@ -419,6 +518,10 @@ def _summary(
         "failed": [{"name": e["name"], "error": e["error"]} for e in entries if not e["success"]],
         "best_variant": ok[0]["name"] if ok else None,
         "irreducible_mse": dataset.irreducible_mse,
+        # The validation MSE of predicting the training labels' mean: a variant no better
+        # than that learned nothing (a dead network, say), however it ranks.
+        "mean_predictor_val_loss": mean_loss,
+        "no_better_than_mean": [e["name"] for e in entries if e.get("no_better_than_mean")],
     }
     baseline = next((e for e in ok if e["name"] == BASELINE_NAME), None)
     for entry in ok:
@@ -563,10 +666,11 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     exports: dict[str, ExportOutcome] = {}
     mine: set[int] = set()  # trial ids this process is training: it keeps their heartbeat
     trained = 0
+    trained_runs: set[tuple[str, int]] = set()  # the runs this process completed
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     lock = claim_lock(settings.storage, settings.study_name, storage)
     executor = _executor(settings.jobs, split, settings.device, dataset.feature_names, observer)
-    with executor as (pool, drain), beating(storage, mine):
+    with executor as (pool, drain), beating(storage, mine), _claims_released(study, mine):
         inflight: dict[Future[Any], tuple[str, str, int, int]] = {}  # kind, variant, repeat, n
         trial_ids: dict[tuple[str, int], int] = {}  # the RUNNING trial of each claimed run
 
@@ -669,8 +773,9 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                     outcome = future.result()
                 except BrokenProcessPool as exc:
                     raise CsoError(
-                        "a worker process died (killed, or out of memory); finished runs are "
-                        "saved in the study: rerun the same command to resume, maybe with --jobs 1"
+                        "a worker process died (killed, or out of memory); finished runs "
+                        "are saved in the study: rerun the same command to resume, maybe "
+                        "with --jobs 1"
                     ) from exc
                 if kind == "export":
                     exports[name] = outcome
@@ -678,7 +783,6 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                     continue
                 for run in outcome:
                     trial_id = trial_ids.pop((run.variant, run.repeat))
-                    mine.discard(trial_id)
                     t0 = time.perf_counter()
                     try:
                         trial = finish_trial(
@@ -691,15 +795,24 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
                             history=run.history,
                         )
                     except UpdateFinishedTrialError:
-                        # This process stalled past the grace period and another worker failed
-                        # the trial and took the run over: its result stands, ours is dropped.
+                        # This process stalled past the grace period and another worker
+                        # failed the trial and took the run over: its result stands.
                         storage_s += time.perf_counter() - t0
+                        mine.discard(trial_id)
                         continue
+                    except OSError as exc:  # the weights' folder: a full disk, say
+                        raise CsoError(
+                            _cannot_write(
+                                exc, f"the weights of {run.variant} in {settings.artifacts}"
+                            )
+                        ) from exc
+                    mine.discard(trial_id)  # only now: until it is stored, it is ours
                     storage_s += time.perf_counter() - t0
                     trained += 1
+                    if trial.state.name == "COMPLETE":
+                        trained_runs.add((run.variant, run.repeat))
                     view.record(trial)
                     observer.run_finished(run)
-
     view.refresh()
     entries = [
         _variant_entry(
@@ -712,6 +825,10 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
         for v in settings.variants
     ]
     summary = _summary(entries, exports, split, dataset, settings.seed)
+    if "baseline" in summary:  # trained here, or (all or partly) in an earlier run of the study
+        summary["baseline"]["trained_in_this_run"] = all(
+            (BASELINE_NAME, repeat) in trained_runs for repeat in view.completed[BASELINE_NAME]
+        )
     wall = time.perf_counter() - started
     summary["timing"] = {
         "wall_s": round(wall, 3),
@@ -744,8 +861,58 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     )
     if existing is not None and "ensemble" in existing["summary"]:
         results["summary"]["ensemble"] = existing["summary"]["ensemble"]
-    write_results(results_path, results)
+    try:
+        write_results(results_path, results)
+    except OSError as exc:
+        raise CsoError(_cannot_write(exc, str(results_path))) from exc
     return GridOutcome(results=results, results_path=results_path, dataset=dataset)
+
+
+def _cannot_write(exc: OSError, what: str) -> str:
+    """One line for a write that failed after training: what, why, what to do, nothing lost."""
+    from calling_score_opt.console import describe_os_error
+
+    return (
+        f"{describe_os_error(exc, f'cannot write {what}')}: the trained runs are kept in the "
+        "study, and the same command trains none of them again"
+    )
+
+
+@contextlib.contextmanager
+def _claims_released(study: optuna.Study, trial_ids: set[int]) -> Iterator[None]:
+    """Left by an exception (Ctrl-C included), fail the RUNNING trials of the runs this process
+    holds at once, not after their heartbeat's grace period: a rerun takes them up straight
+    away (the grid retries failed runs)."""
+    try:
+        yield
+    except BaseException as exc:
+        _release_claims(study, trial_ids, exc)
+        raise
+
+
+def _release_claims(study: optuna.Study, trial_ids: set[int], exc: BaseException) -> None:
+    """Fail the RUNNING trials ``trial_ids`` as this process stops with ``exc``.
+
+    Ctrl-C (or SIGTERM) fails them as interrupted; any other error with its reason. Best
+    effort: with the study's storage itself failing (a full disk), their heartbeat stops and a
+    rerun takes the runs up after the grace period.
+    """
+    from optuna.trial import TrialState
+
+    from calling_score_opt.lifeline import interrupts_held
+
+    with interrupts_held(drop=True):  # a second Ctrl-C must not cut this short
+        if isinstance(exc, KeyboardInterrupt):
+            for trial_id in list(trial_ids):
+                fail_interrupted(study, trial_id, retry=False)  # the grid retries failed runs
+            return
+        reason = redact_url(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
+        storage = storage_of(study)
+        for trial_id in list(trial_ids):
+            with contextlib.suppress(Exception):
+                if storage.get_trial(trial_id).state == TrialState.RUNNING:
+                    storage.set_trial_user_attr(trial_id, "error", f"the grid stopped: {reason}")
+                    storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def _kept_entries(

@@ -13,10 +13,17 @@ started the worker ends, not only the process: start workers from a thread that 
 they do (the main thread, as ``cso grid`` and ``cso search`` do). Elsewhere, or where ``prctl`` is
 not available, a daemon thread checks every :data:`POLL_INTERVAL_S` seconds whether the parent is
 still there and ends the process when it is not.
+
+Ctrl-C is the other way a run ends early. A terminal sends SIGINT to every process of its
+foreground group, workers included, and each would print its own traceback. So only cso's main
+process hears it: workers are started inside :func:`starting_workers` (SIGINT blocked, which a
+new process inherits) and call :func:`worker_signals` first thing (SIGINT ignored, SIGTERM a
+request to stop); the main process, interrupted, stops them with :func:`stop_processes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -24,8 +31,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any, Literal
 
 Mode = Literal["prctl", "poll"]
 
@@ -123,3 +132,105 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+# --- Ctrl-C is for the main process ---------------------------------------------------------
+
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+#: How long :func:`stop_processes` waits for workers to wind down (a search worker fails its
+#: trial in the study first) before it kills them.
+STOP_TIMEOUT_S = 10.0
+
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_held(*, drop: bool = False) -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and stop requests (SIGTERM) until the block ends, then act on them.
+
+    For the few steps an interrupt must not cut in half: a trial claimed but not yet in the
+    hands of the code that fails it when interrupted, a worker started but not yet recorded.
+    With ``drop`` they are forgotten instead: for the clean-up a first Ctrl-C started, which a
+    second one must not cut short. Only signals with a Python handler are held (an ignored one
+    stays ignored), and only in the main thread, where Python runs handlers; elsewhere this
+    does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    saved: dict[signal.Signals, SignalHandler] = {}
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    for signum in _HELD_SIGNALS:
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            saved[signum] = handler
+            signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    if received and not drop:
+        signum = signal.Signals(received[0])
+        saved[signum](signum, None)  # as if it came now (Ctrl-C: KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def starting_workers() -> Iterator[None]:
+    """Start worker processes in this block: each is born with SIGINT blocked.
+
+    A signal mask survives fork and exec, so a worker never sees a Ctrl-C that arrives before
+    its :func:`worker_signals` ignores SIGINT. Here, a Ctrl-C meanwhile is held until the
+    workers are started (and recorded by whoever started them), then raised.
+    """
+    with interrupts_held():
+        if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to worry about
+            yield
+            return
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def worker_signals(on_stop: SignalHandler = _raise_interrupt) -> bool:
+    """First thing in a worker started inside :func:`starting_workers`: ignore Ctrl-C (it is
+    for the main process, which stops its workers itself) and handle SIGTERM with ``on_stop``
+    (by default: raise KeyboardInterrupt, so the worker winds down as if interrupted).
+
+    Does nothing in the main process (``--jobs 1`` runs a pool's initializer there) and
+    returns False; True in a worker.
+    """
+    if multiprocessing.parent_process() is None:
+        return False
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a pending Ctrl-C is dropped with it
+    signal.signal(signal.SIGTERM, on_stop)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    return True
+
+
+def stop_processes(processes: Sequence[BaseProcess], timeout: float = STOP_TIMEOUT_S) -> None:
+    """Ask started worker processes to stop (SIGTERM), wait up to ``timeout`` seconds for them
+    all, then kill (SIGKILL) any still running. Another Ctrl-C meanwhile is ignored."""
+    with interrupts_held(drop=True):
+        for process in processes:
+            if process.exitcode is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.exitcode is None:
+                process.kill()
+                process.join()

@@ -82,9 +82,14 @@ class GridProgress(_Live, GridObserver):
     def started(self, runs_total: int, runs_done: int, jobs: int) -> None:
         self._done, self._total = runs_done, runs_total
         if runs_done and not self._quiet:
+            left = runs_total - runs_done
             self._console.print(
                 f"Resuming: {runs_done} of {runs_total} runs are already in the study; "
-                f"training {runs_total - runs_done} with {jobs} worker(s)."
+                + (
+                    f"training the other {left} with {jobs} worker(s)."
+                    if left
+                    else "nothing left to train (their ONNX files are exported again)."
+                )
             )
         if self._live:
             self._overall = self._progress.add_task(
@@ -120,10 +125,12 @@ class GridProgress(_Live, GridObserver):
             )
             return
         m = outcome.metrics
+        size = m.get("stack_size", 1)
+        shared = f" (its share of {size} trained together)" if size > 1 else ""
         self._console.print(
             f"\\[{self._done}/{self._total}] {label}: val {m['val_loss']:.5f} "
             f"test {m['test_loss']:.5f}, {m['epochs_run']} epochs (best {m['best_epoch']}), "
-            f"{m['training_time_s']:.1f}s",
+            f"{m['training_time_s']:.1f}s{shared}",
             highlight=False,
         )
 
@@ -147,10 +154,16 @@ class SearchProgress(_Live, SearchObserver):
     def started(self, target: int, finished: int, jobs: int) -> None:
         self._finished, self._target = finished, target
         if finished and not self._quiet:
-            self._console.print(
-                f"Resuming: the study holds {finished} finished trials; running until {target} "
-                f"with {jobs} worker(s)."
-            )
+            if finished >= target:
+                self._console.print(
+                    f"The study already holds {finished} finished trials (--trials {target}): "
+                    "nothing to run; raise --trials to search further."
+                )
+            else:
+                self._console.print(
+                    f"Resuming: the study holds {finished} finished trials; running until "
+                    f"{target} with {jobs} worker(s)."
+                )
         if self._live:
             self._trials = self._progress.add_task(
                 "trials", total=target, completed=min(finished, target), note=""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import multiprocessing
 import time
 import warnings
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from calling_score_opt.atomic import check_output_dir
 from calling_score_opt.data import Dataset, Split, load_dataset, require_trainable, split_dataset
 from calling_score_opt.errors import ConfigError, CsoError, StudyError, TrainingError
 from calling_score_opt.model import check_pair_features
@@ -30,6 +32,7 @@ from calling_score_opt.study import (
     StudyLocation,
     artifact_store,
     beating,
+    check_storage,
     claim_lock,
     fail_interrupted,
     open_storage,
@@ -88,8 +91,14 @@ class SearchSettings(StudyLocation):
         ):
             if number < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {number}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(
+                f"--timeout must be a positive number of seconds (leave it out for no limit), "
+                f"got {self.timeout}"
+            )
+        # The storage and the weights' folder, checked before any work (data, study, trials).
+        check_storage(self.storage)
+        check_output_dir(self.artifacts, "--artifacts")
 
     @property
     def objective_names(self) -> tuple[str, ...]:
@@ -280,32 +289,47 @@ def _search_loop(
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    from calling_score_opt.lifeline import interrupts_held
+
     study, store = _open_search_study(settings, dataset)
     storage = storage_of(study)
     deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
     failures = 0
     while deadline is None or time.monotonic() < deadline:
-        with (
-            claim_lock(settings.storage, settings.study_name, storage),
-            warnings.catch_warnings(),
-        ):
-            # cso records heartbeats itself (study.beating), so Optuna's notes that heartbeats
-            # are experimental and meant for optimize() do not apply.
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            fail_stale_trials(study)  # a dead worker's trial: failed, and re-queued for retry
-            trials = study.get_trials(deepcopy=False)
-            finished = sum(t.state.name in _FINISHED for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if finished >= settings.trials:
-                return
-            trial = study.ask() if finished + running < settings.trials else None
-            if trial is not None:  # a trial with no heartbeat at all is never found stale
-                storage.record_heartbeat(trial_id_of(trial))  # type: ignore[attr-defined]
-        if trial is None:  # the last trials are running elsewhere; one may still fail
-            time.sleep(0.5)
-            continue
-        state = _run_trial(study, trial, settings, split, dataset.feature_names, store, on_epoch)
+        trial: optuna.Trial | None = None
+        try:
+            with (
+                claim_lock(settings.storage, settings.study_name, storage),
+                warnings.catch_warnings(),
+            ):
+                # cso records heartbeats itself (study.beating), so Optuna's notes that
+                # heartbeats are experimental and meant for optimize() do not apply.
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                fail_stale_trials(study)  # a dead worker's trial: failed, and re-queued
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state.name in _FINISHED for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                if finished >= settings.trials:
+                    return
+                if finished + running < settings.trials:
+                    # Ctrl-C (or a worker's SIGTERM) waits until the new trial is in ``trial``,
+                    # where the handler below finds it: never a RUNNING trial nobody fails.
+                    with interrupts_held():
+                        claimed = study.ask()
+                        # a trial with no heartbeat at all is never found stale
+                        storage.record_heartbeat(trial_id_of(claimed))  # type: ignore[attr-defined]
+                        trial = claimed
+            if trial is None:  # the last trials are running elsewhere; one may still fail
+                time.sleep(0.5)
+                continue
+            state = _run_trial(
+                study, trial, settings, split, dataset.feature_names, store, on_epoch
+            )
+        except KeyboardInterrupt:
+            if trial is not None:  # interrupted before _run_trial took it: failed and queued
+                fail_interrupted(study, trial_id_of(trial), retry=True)
+            raise
         failures += state == TrialState.FAIL
         if on_trial is not None:
             on_trial(study)
@@ -315,22 +339,46 @@ def _search_loop(
             )
 
 
-def _worker_process(settings: SearchSettings, split: Split, dataset: Dataset, worker: int) -> None:
+def _worker_process(
+    settings: SearchSettings,
+    split: Split,
+    dataset: Dataset,
+    worker: int,
+    errors: Any = None,
+) -> None:
+    """One search worker (a process of ``run_search``): trials until the study holds enough.
+
+    It ends with its parent (``kill -9`` of cso), leaves Ctrl-C to the main process, and stops
+    on its SIGTERM: the running trial is failed and queued again, and it exits 130 without a
+    word. A failure it expects (cso's own, a file's, the database's) goes to ``errors`` (a
+    queue the main process reads) as one line; anything else, too, with its type.
+    """
     import sys
 
-    import torch
+    from calling_score_opt.lifeline import exit_with_parent, worker_signals
 
-    torch.set_num_threads(1)
+    exit_with_parent()  # first: a killed cso leaves no worker behind
+    worker_signals()  # SIGINT ignored; SIGTERM raises KeyboardInterrupt
     try:
+        import torch
+
+        torch.set_num_threads(1)
         _search_loop(settings, split, dataset, worker)
-    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the main process reports it
+    except KeyboardInterrupt:  # stopped by the main process, which tells the user
         sys.exit(130)
-    except CsoError as exc:  # one line, as from the main process, not a child's traceback
-        print(f"error: worker {worker}: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # a database or file error: still one line, and a non-zero exit
-        print(f"error: worker {worker}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(1)
+    except Exception as exc:
+        from calling_score_opt.console import describe_failure, error_line
+
+        described = describe_failure(exc)
+        if described is None:  # a bug: still one line here, its type says where to look
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            described = f"{type(exc).__name__}: {reason}".rstrip(": "), 1
+        line = error_line(f"worker {worker}: {described[0]}")
+        if errors is not None:
+            errors.put(line)
+        else:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(described[1])
 
 
 class SearchObserver:
@@ -410,28 +458,37 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
     if settings.jobs == 1:
         _search_loop(settings, split, dataset, 0, observer.epoch, progressed)
     else:
+        from calling_score_opt.lifeline import starting_workers, stop_processes
+
         context = multiprocessing.get_context("spawn")
+        errors = context.SimpleQueue()  # each failed worker's one line, for this process to say
         workers = [
-            context.Process(target=_worker_process, args=(settings, split, dataset, k))
+            context.Process(target=_worker_process, args=(settings, split, dataset, k, errors))
             for k in range(settings.jobs)
         ]
-        for process in workers:
-            process.start()
         try:
+            # From the main thread, born deaf to Ctrl-C (see lifeline). A Ctrl-C meanwhile is
+            # held until every worker is started (each reads its data first), then raised.
+            with starting_workers():
+                for process in workers:
+                    process.start()
             while any(p.is_alive() for p in workers):
                 time.sleep(0.5)
                 progressed(study)
-        except BaseException:
-            for process in workers:
-                process.terminate()
+        except BaseException:  # Ctrl-C: each worker fails and requeues its trial, then exits
+            stop_processes([p for p in workers if p.pid is not None])
             raise
-        finally:
-            for process in workers:
-                process.join()
+        reported = []
+        while not errors.empty():
+            reported.append(errors.get())
+        errors.close()
         if any(p.exitcode != 0 for p in workers):
+            failed = next(p for p in workers if p.exitcode != 0)
+            reason = (
+                reported[0] if reported else f"a worker stopped (exit status {failed.exitcode})"
+            )
             raise CsoError(
-                "a search worker stopped with an error (see above); finished trials are saved: "
-                "rerun the same command to resume"
+                f"{reason}; finished trials are saved: rerun the same command to resume",
             )
     progressed(study)
     counts = {s.name: 0 for s in TrialState}

@@ -127,6 +127,48 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+_SQLITE_SCHEME = re.compile(r"^sqlite(\+\w+)?://", re.IGNORECASE)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for any other database.
+
+    Raises:
+        StudyError: an in-memory SQLite database (``sqlite://``, ``sqlite:///:memory:``): it
+            is lost when cso exits, and its workers (other processes) could never share it.
+    """
+    match = _SQLITE_SCHEME.match(url)
+    if match is None:
+        return None
+    rest = url[match.end() :]
+    database, _, query = rest.partition("?")
+    database = database[1:] if database.startswith("/") else database  # sqlite:///x.db: x.db
+    if (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or ("mode=memory" in query)
+    ):
+        raise StudyError(
+            f"--storage {redact_url(url)}: an in-memory database is lost when cso exits (and "
+            "its workers cannot share it); use a file: sqlite:///path.db"
+        )
+    return Path(database)
+
+
+def check_storage(url: str) -> None:
+    """Refuse, before any work, a storage no run can use: an in-memory SQLite database, or a
+    SQLite file where a folder is, or under a file. (A server database shows when opened.)
+
+    Raises:
+        StudyError, ConfigError: naming ``--storage``, the URL (password hidden) and the reason.
+    """
+    from calling_score_opt.atomic import check_output_file
+
+    path = _sqlite_file(url)
+    if path is not None:
+        check_output_file(path, "--storage")
+
+
 def _create_storage(
     url: str, engine_kwargs: dict[str, Any], heartbeat_kwargs: dict[str, Any]
 ) -> RDBStorage:
@@ -140,8 +182,9 @@ def _create_storage(
     import sqlalchemy.exc
     from filelock import FileLock
 
-    if url.startswith(_SQLITE_PREFIX):
-        with FileLock(url[len(_SQLITE_PREFIX) :] + ".init.lock"):
+    database = _sqlite_file(url)  # raises for an in-memory one, before any lock file is made
+    if database is not None and url.startswith(_SQLITE_PREFIX):
+        with FileLock(f"{database}.init.lock"):
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     for attempt in range(5):
         try:
@@ -185,9 +228,11 @@ def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) ->
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # cso reports trials itself
     engine_kwargs: dict[str, Any] = {}
-    sqlite = url.startswith(_SQLITE_PREFIX)
-    if sqlite:
-        Path(url[len(_SQLITE_PREFIX) :]).parent.mkdir(parents=True, exist_ok=True)
+    database = _sqlite_file(url)  # refuses an in-memory database
+    sqlite = database is not None
+    if database is not None:
+        check_storage(url)  # a folder in the way: one line, not "unable to open database file"
+        database.parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs["connect_args"] = {"timeout": 60}  # wait for a busy writer, don't fail
     else:
         # A worker needs at most 3 connections at once (its work, the claim lock, the
@@ -213,8 +258,8 @@ def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) ->
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StudyError(
-            f"--storage {url}: cannot open ({reason}); use sqlite:///path.db or "
-            "postgresql://user:password@host/db"
+            f"--storage {redact_url(url)}: cannot open ({redact_url(reason)}); use "
+            "sqlite:///path.db or postgresql://user:password@host/db"
         ) from exc
     if sqlite:
         event.listen(storage.engine, "connect", _sqlite_pragmas)
@@ -468,8 +513,9 @@ def claim_lock(storage_url: str, study_name: str, storage: BaseStorage) -> Any:
     """
     from filelock import FileLock
 
-    if storage_url.startswith(_SQLITE_PREFIX):
-        return FileLock(storage_url[len(_SQLITE_PREFIX) :] + ".lock")
+    database = _sqlite_file(storage_url)  # raises for an in-memory one: no stray lock file
+    if database is not None and storage_url.startswith(_SQLITE_PREFIX):
+        return FileLock(f"{database}.lock")
     if storage_url.startswith("postgresql"):
         return _AdvisoryLock(storage, study_name)
     return contextlib.nullcontext()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -666,3 +666,82 @@ def test_a_run_taken_over_by_another_worker_is_not_a_crash(
     states = [t.state for t in trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert states.count(optuna.trial.TrialState.COMPLETE) == 8
+
+
+# --- what the times and losses mean ----------------------------------------------------------
+
+#: The variants that share batch size and layers: trained together as one stack.
+STACKED = {"v1_0_baseline", *(f"v1_1_lr_{lr}" for lr in ("0.0001", "0.0005", "0.002", "0.005"))}
+STACKED |= {f"v1_1_dropout_{p}" for p in ("0.1", "0.3", "0.4")}
+
+
+def test_each_variant_s_time_is_its_share_of_the_stack_it_trained_in(
+    full_grid: GridOutcome, full_settings: GridSettings
+) -> None:
+    entries = by_name(full_grid)
+    walls = {entries[name]["stack_wall_time_s"] for name in STACKED}
+    assert len(walls) == 1  # one stack, one wall time
+    (wall,) = walls
+    assert sum(entries[name]["training_time_s"] for name in STACKED) == pytest.approx(
+        wall, abs=0.01
+    )  # the shares add up to it (each rounded to 1 ms)
+    for name, entry in entries.items():
+        run = entry["runs"][0]
+        if name in STACKED:
+            assert (entry["stack_size"], run["stack_size"]) == (8, 8)
+            assert entry["training_time_s"] < wall
+        else:  # trained alone: its own wall time
+            assert (entry["stack_size"], run["stack_size"]) == (1, 1)
+            assert entry["training_time_s"] == pytest.approx(entry["stack_wall_time_s"], abs=1e-3)
+        assert run["stack_wall_time_s"] == pytest.approx(entry["stack_wall_time_s"], abs=1e-3)
+    for trial in load_trials(full_settings):
+        entry = entries[trial.user_attrs["variant"]]
+        assert trial.user_attrs["stack_size"] == entry["stack_size"]
+        assert trial.user_attrs["stack_wall_time_s"] == pytest.approx(
+            entry["stack_wall_time_s"], abs=1e-3
+        )
+
+
+def test_the_summary_knows_the_mean_predictor_s_loss(
+    full_grid: GridOutcome, tiny_split: Any
+) -> None:
+    from calling_score_opt.train import mean_predictor_loss
+
+    summary = full_grid.results["summary"]
+    mean_loss = summary["mean_predictor_val_loss"]
+    assert mean_loss == mean_predictor_loss(tiny_split)
+    # two epochs on 140 records: the slowest learners have not beaten the mean yet
+    flagged = [e["name"] for e in full_grid.results["variants"] if e["val_loss"] >= mean_loss]
+    assert summary["no_better_than_mean"] == flagged
+    for entry in full_grid.results["variants"]:
+        assert entry["no_better_than_mean"] is (entry["name"] in flagged)
+    assert summary["best_variant"] not in flagged
+
+
+def test_a_variant_that_learned_nothing_is_flagged(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from calling_score_opt.space import Variant
+
+    real = Variant.train_config
+
+    def dead_lr(self: Variant, epochs: int, seed: int) -> Any:
+        config = real(self, epochs, seed)
+        return replace(config, learning_rate=10.0) if self.name == "v1_1_lr_0.0001" else config
+
+    monkeypatch.setattr(Variant, "train_config", dead_lr)
+    outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=2, epochs=8))
+    entries = by_name(outcome)
+    summary = outcome.results["summary"]
+    assert entries["v1_1_lr_0.0001"]["best_epoch"] == 1  # dead after its first steps
+    assert entries["v1_1_lr_0.0001"]["val_loss"] >= summary["mean_predictor_val_loss"]
+    assert summary["no_better_than_mean"] == ["v1_1_lr_0.0001"]
+    assert [e["no_better_than_mean"] for e in outcome.results["variants"]] == [False, True]
+
+
+def test_the_summary_says_whether_this_run_trained_the_baseline(
+    tmp_path: Path, synth_file: Path
+) -> None:
+    settings = settings_in(tmp_path, synth_file, max_variants=2)
+    assert run_grid(settings).results["summary"]["baseline"]["trained_in_this_run"] is True
+    assert run_grid(settings).results["summary"]["baseline"]["trained_in_this_run"] is False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from calling_score_opt.train import (
     TrainResult,
     checkpoint_bytes,
     load_checkpoint,
+    mean_predictor_loss,
     prediction_errors,
     resolve_device,
     train_model,
@@ -195,3 +198,52 @@ def test_checkpoint_round_trip(trained: TrainResult, tiny_split: Split) -> None:
 def test_damaged_checkpoint_raises_training_error() -> None:
     with pytest.raises(TrainingError, match="stored weights cannot be read"):
         load_checkpoint(b"definitely not a torch file")
+
+
+# --- no better than the mean -----------------------------------------------------------------
+
+
+def test_the_mean_predictor_s_loss_is_exact(tiny_split: Split) -> None:
+    y_train = [float(v) for v in tiny_split.y_train]
+    mean = math.fsum(y_train) / len(y_train)
+    expected = math.fsum((float(v) - mean) ** 2 for v in tiny_split.y_val) / len(tiny_split.y_val)
+    assert mean_predictor_loss(tiny_split) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_trained_model_beats_the_mean(trained: TrainResult, tiny_split: Split) -> None:
+    assert trained.mean_predictor_val_loss == mean_predictor_loss(tiny_split)
+    assert trained.val_loss < trained.mean_predictor_val_loss
+    assert not trained.no_better_than_mean
+
+
+def test_a_dead_model_is_no_better_than_the_mean(tiny_split: Split) -> None:
+    # learning rate 10 kills the network on its first steps: one constant output
+    dead = train_model(tiny_split, TrainConfig(learning_rate=10.0, epochs=3, seed=0))
+    assert dead.best_epoch == 1
+    assert dead.val_loss >= dead.mean_predictor_val_loss
+    assert dead.no_better_than_mean
+
+
+def test_cso_train_warns_when_the_model_learned_nothing(
+    run_cli: Any, data_copy: Path, tmp_path: Path
+) -> None:
+    result = run_cli(
+        "train", "--data-path", data_copy, "--epochs", "3", "--learning-rate", "10",
+        "--output-path", "dead.onnx",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dead.onnx").is_file()  # written as asked, but said out loud
+    warning = result.stderr.strip()
+    assert warning.startswith(
+        "warning: this model predicts no better than the training labels' mean (validation MSE "
+    )
+    assert "\n" not in warning
+    assert "it learned nothing; try a lower --learning-rate (this run: 10)" in warning
+
+
+def test_cso_train_says_nothing_more_when_the_model_learned(
+    run_cli: Any, data_copy: Path, tmp_path: Path
+) -> None:
+    result = run_cli("train", "--data-path", data_copy, "--epochs", "3", "--output-path", "m.onnx")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""

@@ -31,6 +31,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from calling_score_opt import __version__
+
+        console.print(f"cso {__version__}", highlight=False)
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print cso's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """cso: train, search, export and ship the app's calling-score model.
+
+    Example: cso grid   (the 15 documented variants on the default data)
+    """
+
+
 data_app = typer.Typer(
     help="Check or generate training data files.\n\nExample: cso data check data/export.json",
     no_args_is_help=True,
@@ -540,6 +565,46 @@ def _print_best(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+@fails_cleanly
+def studies(
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CSO_STORAGE",
+            help="List the studies of this storage URL. (default: every sqlite file under "
+            "studies/)",
+        ),
+    ] = None,
+) -> None:
+    """List the studies there are: name, kind (grid or search), trials, best, storage.
+
+    Example: cso studies   |   cso studies --storage postgresql://cso@db-host/cso
+    """
+    from calling_score_opt.trials import list_studies
+
+    found = list_studies(storage)
+    if not found:
+        where = "that storage" if storage else "studies/"
+        console.print(f"No studies in {where} yet: run cso grid or cso search first.")
+        return
+    table = Table(title=f"{len(found)} studies", title_justify="left")
+    for column in ("study", "kind", "trials", "complete", "best val loss", "storage"):
+        right = column in ("trials", "complete", "best val loss")
+        table.add_column(column, justify="right" if right else "left")
+    for info in found:
+        best = "" if info.best_value is None else f"{info.best_value:.5f} (#{info.best_trial})"
+        table.add_row(
+            escape(info.name),
+            info.kind,
+            str(info.trials),
+            str(info.complete),
+            best,
+            escape(info.storage),
+        )
+    print_table(table)
 
 
 @app.command()

@@ -136,6 +136,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
+    except OSError as exc:
+        if exc.filename is None:  # a full disk's write() or fsync() names no file: name ours
+            exc.filename = str(path)
+        raise
     finally:
         # Never let a failed clean-up hide the error that brought us here; a temporary left
         # behind is removed by the next write of ``path``.

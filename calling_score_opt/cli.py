@@ -17,6 +17,7 @@ from calling_score_opt import report_cli
 from calling_score_opt.atomic import check_output_dir, check_output_file
 from calling_score_opt.console import console, fails_cleanly, print_table
 from calling_score_opt.errors import ConfigError, CsoError
+from calling_score_opt.options import STORAGE_ENV, Artifacts, Storage, Study
 from calling_score_opt.registry_cli import registry_app
 
 DEFAULT_DATA = Path("data/calling_score_training_data_v1_hybrid.json")
@@ -132,14 +133,8 @@ def grid(
     study: Annotated[str, typer.Option(help="Optuna study name (one trial per run).")] = (
         "calling-score-grid"
     ),
-    storage: Annotated[
-        str | None,
-        typer.Option(help="Optuna storage URL. (default: sqlite:///studies/<study>.db)"),
-    ] = None,
-    artifacts: Annotated[
-        Path | None,
-        typer.Option(help="Folder for stored weights. (default: beside the SQLite file)"),
-    ] = None,
+    storage: Storage = None,
+    artifacts: Artifacts = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Train the 15 documented variants, export each to ONNX and say which is best.
@@ -308,7 +303,9 @@ def train(
     output_path: Annotated[Path, typer.Option(help="Where the ONNX model goes.")] = (
         DEFAULT_TRAIN_OUTPUT
     ),
-    learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 0.001,
+    learning_rate: Annotated[
+        float, typer.Option(help="Adam learning rate, a positive number (e.g. 0.0005).")
+    ] = 0.001,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
     epochs: Epochs = 100,
     hidden_sizes: Annotated[
@@ -379,13 +376,6 @@ def train(
 
 
 SEARCH_STUDY = "calling-score-search"
-Study = Annotated[str, typer.Option(help="Optuna study name.")]
-Storage = Annotated[
-    str | None, typer.Option(help="Optuna storage URL. (default: sqlite:///studies/<study>.db)")
-]
-Artifacts = Annotated[
-    Path | None, typer.Option(help="Folder of stored weights. (default: beside the SQLite file)")
-]
 
 
 @app.command()
@@ -434,8 +424,8 @@ def search(
     from calling_score_opt.study import redact_url
     from calling_score_opt.trials import load_study
 
-    settings = SearchSettings(
-        data_path=_data_path(data_path),
+    settings = SearchSettings(  # checks the options and every output path before any work
+        data_path=data_path or DEFAULT_DATA,
         trials=trials,
         target=target,
         space=space,
@@ -452,6 +442,7 @@ def search(
         storage_url=storage,
         artifact_dir=artifacts,
     )
+    _data_path(data_path)  # the default data, generated if missing, once the options are good
     with SearchProgress(console, quiet) as progress:
         outcome = run_search(settings, progress)
     counts = ", ".join(f"{n} {state.lower()}" for state, n in outcome.counts.items())
@@ -573,9 +564,10 @@ def studies(
     storage: Annotated[
         str | None,
         typer.Option(
-            envvar="CSO_STORAGE",
-            help="List the studies of this storage URL. (default: every sqlite file under "
-            "studies/)",
+            envvar=STORAGE_ENV,
+            show_envvar=False,
+            help=f"List the studies of this storage URL, else ${STORAGE_ENV}. (default: every "
+            "sqlite file under studies/)",
         ),
     ] = None,
 ) -> None:

@@ -153,5 +153,9 @@ def fails_cleanly(command: F) -> F:
                 soft_wrap=True,
             )
             raise typer.Exit(code) from None
+        finally:
+            from calling_score_opt.study import close_storages
+
+            close_storages()
 
     return wrapper  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from calling_score_opt.console import console, fails_cleanly
+from calling_score_opt.options import Storage
 from calling_score_opt.registry import (
     DEFAULT_GRID_DIR,
     DEFAULT_REGISTRY,
@@ -90,10 +91,7 @@ def register(
     study: Annotated[str, typer.Option(help="Optuna study of --trial or --ensemble.")] = (
         "calling-score-search"
     ),
-    storage: Annotated[
-        str | None,
-        typer.Option(help="Storage URL of --study (default: sqlite:///studies/<study>.db)."),
-    ] = None,
+    storage: Storage = None,
     grid_dir: Annotated[Path, typer.Option(help="Where cso grid wrote the variants.")] = (
         DEFAULT_GRID_DIR
     ),

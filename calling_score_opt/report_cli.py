@@ -18,22 +18,11 @@ from rich.markup import escape
 
 from calling_score_opt.console import console, fails_cleanly
 from calling_score_opt.errors import ConfigError, CsoError, StudyError
+from calling_score_opt.options import Artifacts, Storage, Study
 
 GRID_STUDY = "calling-score-grid"  # what a newcomer has after `cso grid`
 DEFAULT_RESULTS = Path("assets/models/optimized/optimization_results.json")  # cso grid's
 REPORTS_DIR = Path("reports")
-
-Study = Annotated[str, typer.Option(help="Optuna study name.")]
-Storage = Annotated[
-    str | None, typer.Option(help="Optuna storage URL. [default: sqlite:///studies/<study>.db]")
-]
-Artifacts = Annotated[
-    Path | None,
-    typer.Option(
-        help="Folder of the study's artifacts: weights, learning curves, ensembles. "
-        "[default: beside the SQLite file]"
-    ),
-]
 
 
 def _storage_url(storage: str | None, study: str) -> str:

@@ -37,6 +37,7 @@ from calling_score_opt.study import (
     fail_interrupted,
     open_storage,
     open_study,
+    redact_url,
     storage_of,
     store_checkpoint,
     store_learning_curve,
@@ -198,6 +199,10 @@ def _run_trial(
         return TrialState.FAIL
     except KeyboardInterrupt:  # failed now and queued again, not left to the heartbeat
         fail_interrupted(study, trial_id_of(trial), retry=True)
+        raise
+    except Exception as exc:  # the storage or the disk failed under it: the same, best effort
+        reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        fail_interrupted(study, trial_id_of(trial), retry=True, reason=redact_url(reason))
         raise
 
 

@@ -67,7 +67,7 @@ def engine_of(storage: BaseStorage) -> Any:
 
 
 _URL_PASSWORD = re.compile(r"(?P<head>://[^/@:]*:)[^/]*@")  # to the last @: raw @ in passwords
-_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#]*", re.IGNORECASE)
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd)=)[^&#\s]*", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
@@ -264,7 +264,19 @@ def open_storage(url: str, heartbeat: bool = False, retry_stale: bool = True) ->
     if sqlite:
         event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # connections made from here on get the pragmas
+    _OPEN_ENGINES.append(storage.engine)
     return storage
+
+
+_OPEN_ENGINES: list[Any] = []
+
+
+def close_storages() -> None:
+    """Close the database connections of every storage this process opened (each command
+    does as it ends: a connection left to the garbage collector is a server slot held open)."""
+    while _OPEN_ENGINES:
+        with contextlib.suppress(Exception):
+            _OPEN_ENGINES.pop().dispose()
 
 
 def open_study(
@@ -393,8 +405,15 @@ def _upload(
         )
 
 
-def fail_interrupted(study: optuna.Study, trial_id: int, *, retry: bool) -> None:
-    """Fail a trial this process was running when it was interrupted (Ctrl-C, SIGTERM), at once.
+def fail_interrupted(
+    study: optuna.Study,
+    trial_id: int,
+    *,
+    retry: bool,
+    reason: str = "interrupted (Ctrl-C or a stop signal)",
+) -> None:
+    """Fail a trial this process was running when it was interrupted (Ctrl-C, SIGTERM) or
+    stopped by an error outside the trial (the storage, the disk), at once.
 
     Waiting for its heartbeat to go stale would hold the next run up for the grace period. With
     ``retry`` the same configuration is queued again (user attributes such as the baseline mark
@@ -409,7 +428,7 @@ def fail_interrupted(study: optuna.Study, trial_id: int, *, retry: bool) -> None
         frozen = storage.get_trial(trial_id)
         if frozen.state != TrialState.RUNNING:
             return
-        storage.set_trial_user_attr(trial_id, "error", "interrupted (Ctrl-C or a stop signal)")
+        storage.set_trial_user_attr(trial_id, "error", reason)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
         if retry:
             history = [*frozen.system_attrs.get("retry_history", []), frozen.number]

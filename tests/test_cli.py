@@ -130,7 +130,7 @@ def test_data_synth_is_deterministic(run_cli: RunCli, tmp_path: Path) -> None:
     for name, seed in (("a.json", "3"), ("b.json", "3"), ("c.json", "4")):
         result = run_cli("data", "synth", "--records", "200", "--seed", seed, "--output", name)
         assert result.exit_code == 0, result.output
-        assert f"Wrote 200 records to {name}" in result.stdout
+        assert f"Wrote 200 hybrid records to {name}" in result.stdout
     a, b, c = ((tmp_path / n).read_bytes() for n in ("a.json", "b.json", "c.json"))
     assert a == b
     assert a != c
@@ -882,3 +882,14 @@ def test_no_doc_points_outside_the_repository() -> None:
         text = path.read_text(encoding="utf-8")
         assert "../shared" not in text, path
         assert "CONTRACTS" not in text, path
+
+
+def test_learning_rate_help_says_what_is_accepted(run_cli: RunCli) -> None:
+    """Its help once said x>=0.0 while 0 is refused: it must not promise what it refuses."""
+    result = run_cli("train", "--help")
+    assert result.exit_code == 0
+    line = next(x for x in result.stdout.splitlines() if "--learning-rate" in x)
+    assert "x>=0.0" not in line
+    assert "positive" in result.stdout
+    refused = run_cli("train", "--learning-rate", "0", "--epochs", "1")
+    assert_clean_failure(refused, "learning rate must be > 0")

@@ -981,7 +981,7 @@ def test_report_names_the_studies_a_storage_holds(
     search: Built, invoke: Callable[..., Result]
 ) -> None:
     result = invoke("--study", "other", "--storage", search.storage)
-    assert_clean_failure(result, "no study 'other'", "studies there: search")
+    assert_clean_failure(result, "no study 'other'", "studies there: 'search'")
 
 
 def test_report_refuses_a_results_file_of_another_study(

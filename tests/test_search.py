@@ -730,3 +730,31 @@ def test_search_on_untrainable_data_fails_cleanly(run_cli: Any, tmp_path: Path) 
     result = _search(run_cli, path)
     assert_clean_failure(result, "empty.json", "contains no records")
     assert not (tmp_path / "studies").exists()
+
+
+def test_a_storage_error_mid_trial_fails_the_trial_at_once_and_queues_it_again(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error from outside the trial (the database, the disk) ends the search, but does not
+    leave its trial RUNNING for the next run to wait on."""
+    from optuna.exceptions import StorageInternalError
+
+    real = optuna.Trial.report
+    calls: list[int] = []
+
+    def flaky(self: optuna.Trial, value: float, step: int) -> None:
+        calls.append(step)
+        if len(calls) == 2:
+            raise StorageInternalError("the database went away")
+        real(self, value, step)
+
+    monkeypatch.setattr(optuna.Trial, "report", flaky)
+    settings = settings_in(tmp_path, synth_file, trials=2)
+    with pytest.raises(StorageInternalError):
+        run_search(settings)
+    trials = load(settings).get_trials()
+    assert states(trials) == ["FAIL", "WAITING"]
+    assert (
+        trials[0].user_attrs["error"] == "stopped by StorageInternalError: the database went away"
+    )
+    assert trials[1].user_attrs[BASELINE_ATTR] is True  # the retry is still the baseline

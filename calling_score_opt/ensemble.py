@@ -12,7 +12,8 @@ never used to choose, and the gain on it gets a paired-bootstrap interval.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
     from calling_score_opt.export import ExportReport
     from calling_score_opt.model import CallingScoreModel
+    from calling_score_opt.train import TrainConfig
 
 ENSEMBLE_NAME = "ensemble"
 ONNX_FILENAME = f"calling_score_model_{ENSEMBLE_NAME}.onnx"
@@ -116,8 +118,54 @@ class Candidate:
     trial: FrozenTrial
     name: str
     model: CallingScoreModel
+    config: TrainConfig
     val: F64
     test: F64
+
+
+@dataclass(frozen=True)
+class Bag:
+    """A member retrained on the folds of train + validation: one model per fold, its
+    out-of-fold scores (each record scored by the model that never saw it) and the fold
+    models' mean score on the test split."""
+
+    models: list[CallingScoreModel]
+    out_of_fold: F64  # [n_train + n_val], train records first
+    test: F64
+
+
+def bag_member(
+    candidate: Candidate, data: StudyData, folds: int, on_fold: Callable[[int], None] | None = None
+) -> Bag:
+    """Retrain ``candidate``'s configuration on ``folds`` folds of train + validation.
+
+    Every member uses the same folds (drawn from the split's seed), so the ensemble's
+    out-of-fold score of a record never comes from a model that trained on it. Fold k trains
+    on the other folds, stops early on fold k, and starts from seed + 1 + k.
+    """
+    from calling_score_opt.data import Split
+    from calling_score_opt.stacked import train_one
+
+    split = data.split
+    x_all = np.concatenate([split.x_train, split.x_val])
+    y_all = np.concatenate([split.y_train, split.y_val])
+    fold = np.random.default_rng(split.seed).permutation(len(y_all)) % folds
+    out_of_fold = np.zeros(len(y_all))
+    test = np.zeros(len(split.y_test))
+    models = []
+    for k in range(folds):
+        if on_fold is not None:
+            on_fold(k)
+        fit, held = fold != k, fold == k
+        part = Split(
+            x_all[fit], y_all[fit], x_all[held], y_all[held], split.x_test, split.y_test, split.seed
+        )
+        config = dataclasses.replace(candidate.config, seed=candidate.config.seed + 1 + k)
+        result = train_one(part, config, "cpu", None)
+        out_of_fold[held] = predict(result.model, x_all[held])
+        test += predict(result.model, split.x_test) / folds
+        models.append(result.model)
+    return Bag(models, out_of_fold, test)
 
 
 def _candidates(study: optuna.Study, store: Any, data: StudyData) -> list[Candidate]:
@@ -131,10 +179,16 @@ def _candidates(study: optuna.Study, store: Any, data: StudyData) -> list[Candid
         )
     candidates = []
     for trial in sorted(complete, key=lambda t: (t.values[0], t.number)):  # best first
-        model, _ = trial_model(store, study, trial)
+        model, config = trial_model(store, study, trial)
         val, test = predict(model, data.split.x_val), predict(model, data.split.x_test)
-        candidates.append(Candidate(trial, trial_name(trial), model, val, test))
+        candidates.append(Candidate(trial, trial_name(trial), model, config, val, test))
     return candidates
+
+
+def _weighted(weights: Sequence[float], scores: Sequence[F64]) -> F64:
+    """The weighted sum of per-member scores (the weights sum to 1: a weighted mean)."""
+    total: F64 = np.sum([w * s for w, s in zip(weights, scores, strict=True)], axis=0)
+    return total
 
 
 def _mse(predictions: F64, labels: Any) -> float:
@@ -171,6 +225,8 @@ def build_ensemble(
     max_members: int = DEFAULT_MAX_MEMBERS,
     rounds: int = DEFAULT_ROUNDS,
     final_dir: Path | None = None,
+    bag: int | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> EnsembleOutcome:
     """Select, export (verified, one file) and record the best ensemble of the study's trials.
 
@@ -178,6 +234,11 @@ def build_ensemble(
     draws) and, as an entry named ``ensemble``, into the output folder's
     optimization_results.json. ``final_dir``: where the files will live once moved (the
     registry exports to a staging folder first); the record names the file there.
+
+    ``bag`` N: after the selection, each member is retrained on N folds of train + validation
+    (:func:`bag_member`) and replaced by the mean of its N fold models, weights unchanged. Its
+    validation loss is then the out-of-fold one (each validation record scored by models that
+    never saw it); the test split is untouched either way.
 
     Raises:
         StudyError: no complete trial, weights or data missing, or another study's results file.
@@ -191,6 +252,8 @@ def build_ensemble(
         raise ConfigError(
             f"--max-members and --rounds must be at least 1, got {max_members}, {rounds}"
         )
+    if bag is not None and bag < 2:
+        raise ConfigError(f"--bag must be at least 2 folds, got {bag}")
     data = study_data(study, data_path, target)
     results_path = output_dir / RESULTS_FILENAME
     existing = read_results(results_path)
@@ -205,10 +268,33 @@ def build_ensemble(
     weights = selection.weights(len(candidates))
     order = sorted(np.flatnonzero(weights), key=lambda i: (-weights[i], i))
     members = [candidates[i] for i in order]
-    model = EnsembleModel([m.model for m in members], [float(weights[i]) for i in order])
+    n_train = len(data.split.y_train)
+    member_weights = [float(weights[i]) for i in order]
+    if bag is None:
+        model = EnsembleModel([m.model for m in members], member_weights)
+        val_scores = _weighted(member_weights, [m.val for m in members])
+        test_scores = _weighted(member_weights, [m.test for m in members])
+        train_scores = _weighted(
+            member_weights, [predict(m.model, data.split.x_train) for m in members]
+        )
+    else:
+        bags = []
+        for position, member in enumerate(members):
 
-    val_scores = sum(weights[i] * candidates[i].val for i in order)
-    test_scores = sum(weights[i] * candidates[i].test for i in order)
+            def fold_done(k: int, position: int = position) -> None:
+                if on_progress is not None:
+                    on_progress(
+                        f"bagging: member {position + 1} of {len(members)}, fold {k + 1} of {bag}"
+                    )
+
+            bags.append(bag_member(member, data, bag, fold_done))
+        model = EnsembleModel(
+            [m for b in bags for m in b.models],
+            [w / bag for w, b in zip(member_weights, bags, strict=True) for _ in b.models],
+        )
+        out_of_fold = _weighted(member_weights, [b.out_of_fold for b in bags])
+        train_scores, val_scores = out_of_fold[:n_train], out_of_fold[n_train:]
+        test_scores = _weighted(member_weights, [b.test for b in bags])
     best = candidates[0]
     baseline_frozen = baseline_trial(study)
     baseline = next(
@@ -231,11 +317,8 @@ def build_ensemble(
     metrics = {
         "val_loss": _mse(val_scores, y_val),
         "test_loss": _mse(test_scores, y_test),
-        "train_loss": _mse(
-            sum(weights[i] * predict(candidates[i].model, data.split.x_train) for i in order),
-            data.split.y_train,
-        ),
-        "parameters": sum(count_parameters(m.model) for m in members),
+        "train_loss": _mse(train_scores, data.split.y_train),
+        "parameters": count_parameters(model),
     }
     onnx_path = output_dir / ONNX_FILENAME
     metadata = {
@@ -244,6 +327,7 @@ def build_ensemble(
         "variant": ENSEMBLE_NAME,
         "ensemble": {
             "method": METHOD,
+            "bag": bag,
             "members": [
                 {"trial": r["trial"], "name": r["name"], "weight": r["weight"]} for r in member_rows
             ],
@@ -264,6 +348,8 @@ def build_ensemble(
         "method": METHOD,
         "rounds": len(selection.picks),
         "max_members": max_members,
+        "bag": bag,
+        "val_loss_kind": "validation split" if bag is None else "out of fold (validation split)",
         "candidates": len(candidates),
         "members": member_rows,
         "selection": [

@@ -67,6 +67,8 @@ if TYPE_CHECKING:
     from types import FrameType
 
     import optuna
+    from optuna.artifacts import FileSystemArtifactStore
+    from optuna.storages import RDBStorage
     from optuna.trial import FrozenTrial
 
 
@@ -635,237 +637,338 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     Raises:
         CsoError: bad data, options or storage (before anything is written).
     """
-    from optuna.exceptions import UpdateFinishedTrialError
-
     from calling_score_opt.train import resolve_device
 
-    observer = observer or GridObserver()
     started = time.perf_counter()
     dataset = require_trainable(load_dataset(settings.data_path, settings.target))
     split = split_dataset(dataset, settings.seed)
     resolve_device(settings.device)  # fail now, not in every worker
     t0 = time.perf_counter()
     storage = open_storage(settings.storage, heartbeat=True, retry_stale=False)
-    study = open_study(storage, settings.study_name, _identity(settings, dataset))
-    study.set_user_attr("data_path", str(settings.data_path))  # for cso export's parity check
+    study = _open_grid_study(storage, settings, dataset)
     store = artifact_store(settings.artifacts)
     setup_s = time.perf_counter() - t0  # opening (on a new database: creating) the study
-    storage_s = 0.0  # claiming, finishing and reading back runs
+    grid = _GridRun(settings, observer or GridObserver(), dataset, split, storage, study, store)
+    grid.run()
+    return grid.results(started=started, setup_s=setup_s)
 
-    by_name = {v.name: v for v in settings.variants}
-    runs = [(v.name, r) for v in settings.variants for r in range(settings.repeats)]
-    runs.sort(key=lambda run: -_run_cost(by_name[run[0]], len(split.y_train)))  # longest first
-    held = study.get_trials(deepcopy=False)
-    first_new = max((t.number for t in held), default=-1) + 1
-    view = _StudyView(study, by_name, settings.repeats, first_new)
-    view.refresh()
-    resumed = len(view.complete_runs())
-    observer.started(len(runs), resumed, settings.jobs)
 
-    distributions = grid_distributions()
-    exports: dict[str, ExportOutcome] = {}
-    mine: set[int] = set()  # trial ids this process is training: it keeps their heartbeat
-    trained = 0
-    trained_runs: set[tuple[str, int]] = set()  # the runs this process completed
-    settings.output_dir.mkdir(parents=True, exist_ok=True)
-    lock = claim_lock(settings.storage, settings.study_name, storage)
-    executor = _executor(settings.jobs, split, settings.device, dataset.feature_names, observer)
-    with executor as (pool, drain), beating(storage, mine), _claims_released(study, mine):
-        inflight: dict[Future[Any], tuple[str, str, int, int]] = {}  # kind, variant, repeat, n
-        trial_ids: dict[tuple[str, int], int] = {}  # the RUNNING trial of each claimed run
+def _open_grid_study(storage: RDBStorage, settings: GridSettings, dataset: Dataset) -> optuna.Study:
+    """The grid's study (refused when it was made for other data or settings), with what
+    ``cso export`` and ``cso best`` read back: the data file."""
+    study = open_study(storage, settings.study_name, _identity(settings, dataset))
+    study.set_user_attr("data_path", str(settings.data_path))  # for cso export's parity check
+    return study
 
-        def claim_next() -> list[tuple[str, int, int]]:
-            """Take the longest free run and the free runs that can train stacked with it."""
-            with lock:
-                view.refresh()
-                free = [run for run in runs if view.is_free(*run)]
-                if not free:
-                    return []
-                first = free[0]
-                group = [
-                    run for run in free if _stack_key(by_name, run) == _stack_key(by_name, first)
-                ]
-                return [
-                    (
-                        name,
-                        repeat,
-                        start_trial(
-                            study,
-                            params=by_name[name].params(),
-                            distributions=distributions,
-                            user_attrs={
-                                "variant": name,
-                                "repeat": repeat,
-                                "seed": settings.seed + repeat,
-                                **({BASELINE_ATTR: True} if name == BASELINE_NAME else {}),
-                            },
-                        ),
-                    )
-                    for name, repeat in group
-                ]
 
-        def submit_export(name: str) -> None:
-            nonlocal storage_s
-            trials = list(view.completed[name].values())
-            chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
+#: What ``_GridRun.claim`` returns for each run it claimed: variant, repeat, trial id.
+_Claim = tuple[str, int, int]
+
+
+class _GridRun:
+    """The grid's runs in this process: claimed, trained, stored and exported, step by step.
+
+    Other processes may work on the same study at once (``cso grid`` on another machine, say):
+    the study says which runs are free, complete or failed (see :class:`_StudyView`), a run is
+    claimed by starting a RUNNING trial under the claim lock, and this process keeps the
+    heartbeat of the trials it claimed (``mine``) until they are stored.
+    """
+
+    def __init__(
+        self,
+        settings: GridSettings,
+        observer: GridObserver,
+        dataset: Dataset,
+        split: Split,
+        storage: RDBStorage,
+        study: optuna.Study,
+        store: FileSystemArtifactStore,
+    ) -> None:
+        self.settings = settings
+        self.observer = observer
+        self.dataset = dataset
+        self.split = split
+        self.storage = storage
+        self.study = study
+        self.store = store
+        self.by_name = {v.name: v for v in settings.variants}
+        self.runs = [(v.name, r) for v in settings.variants for r in range(settings.repeats)]
+        n_train = len(split.y_train)
+        self.runs.sort(key=lambda run: -_run_cost(self.by_name[run[0]], n_train))  # longest first
+        held = study.get_trials(deepcopy=False)  # an earlier round's failed runs are retried
+        first_new = max((t.number for t in held), default=-1) + 1
+        self.view = _StudyView(study, self.by_name, settings.repeats, first_new)
+        self.distributions = grid_distributions()
+        # Set by run(): the claim lock, the executor and the relay of its workers' epoch events.
+        self.lock: Any = None
+        self.pool: Any = None
+        self.drain: Callable[[], None] = lambda: None
+
+        self.mine: set[int] = set()  # trial ids this process is training: it keeps their heartbeat
+        self.trial_ids: dict[tuple[str, int], int] = {}  # the RUNNING trial of each claimed run
+        self.training: set[Future[Any]] = set()  # stacks in the workers, one future each
+        self.exporting: dict[Future[Any], str] = {}  # the variant each export is of
+        self.exports: dict[str, ExportOutcome] = {}
+        self.retry_claim_at = 0.0  # after finding nothing free, look again only when a run ends
+        self.storage_s = 0.0  # claiming, finishing and reading back runs
+        self.resumed = 0  # runs complete before this process began
+        self.trained = 0  # runs this process stored, failed or not
+        self.trained_runs: set[tuple[str, int]] = set()  # the runs this process completed
+
+    def run(self) -> None:
+        """Train and export until every run is settled, by this process or another.
+
+        Left by an exception (Ctrl-C included), the workers are stopped at once (see
+        :func:`_executor`) and the trials this process holds failed (:func:`_claims_released`).
+        """
+        self.view.refresh()
+        self.resumed = len(self.view.complete_runs())
+        self.observer.started(len(self.runs), self.resumed, self.settings.jobs)
+        self.settings.output_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = claim_lock(self.settings.storage, self.settings.study_name, self.storage)
+        executor = _executor(
+            self.settings.jobs,
+            self.split,
+            self.settings.device,
+            self.dataset.feature_names,
+            self.observer,
+        )
+        with (
+            executor as (self.pool, self.drain),
+            beating(self.storage, self.mine),
+            _claims_released(self.study, self.mine),
+        ):
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Keep the workers busy: claim and train, export what is complete, store what ends."""
+        while True:
+            self.fill_workers()
+            self.export_completed()
+            if self.training or self.exporting:
+                self.collect(self.wait_for_tasks())
+                continue
+            self.view.refresh()  # another worker may have completed a variant since
+            if self.export_completed():
+                continue
+            if self.view.all_settled(self.runs):
+                return
+            # Other workers hold the remaining runs: wait for them (or for their heartbeat
+            # to go stale, which frees the run for us).
+            time.sleep(1.0)
+            self.view.refresh()
+
+    def fill_workers(self) -> None:
+        """Claim runs and start training them while a worker is free for them."""
+        while len(self.training) < self.settings.jobs and time.monotonic() >= self.retry_claim_at:
+            t0 = time.perf_counter()
+            claimed = self.claim()
+            self.storage_s += time.perf_counter() - t0
+            if not claimed:
+                # Other workers hold the rest; one of them may die, so look now and then.
+                self.retry_claim_at = time.monotonic() + heartbeat_interval_s()
+                return
+            self.submit_training(claimed)
+
+    def claim(self) -> list[_Claim]:
+        """Take the longest free run and the free runs that can train stacked with it."""
+        with self.lock:
+            self.view.refresh()
+            free = [run for run in self.runs if self.view.is_free(*run)]
+            if not free:
+                return []
+            key = _stack_key(self.by_name, free[0])
+            group = [run for run in free if _stack_key(self.by_name, run) == key]
+            return [(name, repeat, self._start_trial(name, repeat)) for name, repeat in group]
+
+    def _start_trial(self, name: str, repeat: int) -> int:
+        """The RUNNING trial that claims the run (name, repeat); returns its storage id."""
+        return start_trial(
+            self.study,
+            params=self.by_name[name].params(),
+            distributions=self.distributions,
+            user_attrs={
+                "variant": name,
+                "repeat": repeat,
+                "seed": self.settings.seed + repeat,
+                **({BASELINE_ATTR: True} if name == BASELINE_NAME else {}),
+            },
+        )
+
+    def submit_training(self, claimed: list[_Claim]) -> None:
+        """Train the claimed runs (one repeat, one stack) in a worker; their trials are ours."""
+        repeat = claimed[0][1]
+        for name, _, trial_id in claimed:
+            self.mine.add(trial_id)
+            self.trial_ids[(name, repeat)] = trial_id
+            self.observer.run_started(name, repeat)
+        future = self.pool.submit(
+            _train_group,
+            [self.by_name[name] for name, _, _ in claimed],
+            repeat,
+            self.settings.seed + repeat,
+            self.settings.epochs,
+        )
+        self.training.add(future)
+
+    def export_completed(self) -> list[str]:
+        """Export each variant with all its repeats complete, unless exported or exporting.
+
+        Returns those variants (an empty list: nothing to export now).
+        """
+        exporting = set(self.exporting.values())
+        names = [
+            name
+            for name in self.by_name
+            if name not in self.exports
+            and name not in exporting
+            and self.view.variant_complete(name)
+        ]
+        for name in names:
+            self.submit_export(name)
+        return names
+
+    def submit_export(self, name: str) -> None:
+        """Export the variant's repeat of lowest validation loss to ONNX, in a worker."""
+        trials = list(self.view.completed[name].values())
+        chosen = min(trials, key=lambda t: t.user_attrs["val_loss"])
+        t0 = time.perf_counter()
+        try:
+            checkpoint = read_checkpoint(self.store, self.storage, chosen)
+        except CsoError as exc:
+            self.exports[name] = ExportOutcome(name, None, error=str(exc))
+            return
+        self.storage_s += time.perf_counter() - t0
+        metadata = _onnx_metadata(self.by_name[name], trials, chosen, self.dataset, self.settings)
+        path = self.settings.output_dir / onnx_filename(name)
+        self.exporting[self.pool.submit(_export_run, name, checkpoint, path, metadata)] = name
+
+    def wait_for_tasks(self) -> set[Future[Any]]:
+        """The tasks that ended within 0.2 s, after relaying the workers' epoch events."""
+        done, _ = wait([*self.training, *self.exporting], timeout=0.2, return_when=FIRST_COMPLETED)
+        self.drain()
+        return done
+
+    def collect(self, done: set[Future[Any]]) -> None:
+        """Take in ended tasks: an export's outcome as it is, a stack's runs into their trials."""
+        for future in done:
+            name = self.exporting.pop(future, None)
+            self.training.discard(future)
+            self.retry_claim_at = 0.0
+            try:
+                outcome = future.result()
+            except BrokenProcessPool as exc:
+                raise CsoError(
+                    "a worker process died (killed, or out of memory); finished runs "
+                    "are saved in the study: rerun the same command to resume, maybe "
+                    "with --jobs 1"
+                ) from exc
+            if name is not None:
+                self.exports[name] = outcome
+                self.observer.exported(outcome)
+            else:
+                self.finish(outcome)
+
+    def finish(self, outcomes: Sequence[RunOutcome]) -> None:
+        """Store each run, failed or not, in the trial that claimed it."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        for run in outcomes:
+            trial_id = self.trial_ids.pop((run.variant, run.repeat))
             t0 = time.perf_counter()
             try:
-                checkpoint = read_checkpoint(store, storage, chosen)
-            except CsoError as exc:
-                exports[name] = ExportOutcome(name, None, error=str(exc))
-                return
-            storage_s += time.perf_counter() - t0
-            metadata = _onnx_metadata(by_name[name], trials, chosen, dataset, settings)
-            path = settings.output_dir / onnx_filename(name)
-            future = pool.submit(_export_run, name, checkpoint, path, metadata)
-            inflight[future] = ("export", name, 0, 0)
-
-        retry_claim_at = 0.0  # after finding nothing free, look again only when a run ends
-        while True:
-            while (
-                sum(k[0] == "train" for k in inflight.values()) < settings.jobs
-                and time.monotonic() >= retry_claim_at
-            ):
-                t0 = time.perf_counter()
-                claimed = claim_next()
-                storage_s += time.perf_counter() - t0
-                if not claimed:
-                    # Other workers hold the rest; one of them may die, so look now and then.
-                    retry_claim_at = time.monotonic() + heartbeat_interval_s()
-                    break
-                repeat = claimed[0][1]
-                for name, _, trial_id in claimed:
-                    mine.add(trial_id)
-                    trial_ids[(name, repeat)] = trial_id
-                    observer.run_started(name, repeat)
-                future = pool.submit(
-                    _train_group,
-                    [by_name[name] for name, _, _ in claimed],
-                    repeat,
-                    settings.seed + repeat,
-                    settings.epochs,
+                # finish_trial through this module's name: tests replace it
+                trial = finish_trial(
+                    self.study,
+                    trial_id,
+                    value=run.metrics.get("val_loss"),
+                    user_attrs=_trial_attrs(run),
+                    artifact_store=self.store,
+                    checkpoint=run.checkpoint,
+                    history=run.history,
                 )
-                inflight[future] = ("train", claimed[0][0], repeat, len(claimed))
-            exporting = {k[1] for k in inflight.values() if k[0] == "export"}
-            for name in by_name:
-                if name not in exports and name not in exporting and view.variant_complete(name):
-                    submit_export(name)
-            if not inflight:
-                view.refresh()  # another worker may have completed a variant since
-                missing = [n for n in by_name if n not in exports and view.variant_complete(n)]
-                for name in missing:
-                    submit_export(name)
-                if missing:
-                    continue
-                if view.all_settled(runs):
-                    break
-                # Other workers hold the remaining runs: wait for them (or for their heartbeat
-                # to go stale, which frees the run for us).
-                time.sleep(1.0)
-                view.refresh()
+            except UpdateFinishedTrialError:
+                # This process stalled past the grace period and another worker
+                # failed the trial and took the run over: its result stands.
+                self.storage_s += time.perf_counter() - t0
+                self.mine.discard(trial_id)
                 continue
-            done, _ = wait(list(inflight), timeout=0.2, return_when=FIRST_COMPLETED)
-            drain()
-            for future in done:
-                kind, name, repeat, _ = inflight.pop(future)
-                retry_claim_at = 0.0
-                try:
-                    outcome = future.result()
-                except BrokenProcessPool as exc:
-                    raise CsoError(
-                        "a worker process died (killed, or out of memory); finished runs "
-                        "are saved in the study: rerun the same command to resume, maybe "
-                        "with --jobs 1"
-                    ) from exc
-                if kind == "export":
-                    exports[name] = outcome
-                    observer.exported(outcome)
-                    continue
-                for run in outcome:
-                    trial_id = trial_ids.pop((run.variant, run.repeat))
-                    t0 = time.perf_counter()
-                    try:
-                        trial = finish_trial(
-                            study,
-                            trial_id,
-                            value=run.metrics.get("val_loss"),
-                            user_attrs=_trial_attrs(run),
-                            artifact_store=store,
-                            checkpoint=run.checkpoint,
-                            history=run.history,
-                        )
-                    except UpdateFinishedTrialError:
-                        # This process stalled past the grace period and another worker
-                        # failed the trial and took the run over: its result stands.
-                        storage_s += time.perf_counter() - t0
-                        mine.discard(trial_id)
-                        continue
-                    except OSError as exc:  # the weights' folder: a full disk, say
-                        raise CsoError(
-                            _cannot_write(
-                                exc, f"the weights of {run.variant} in {settings.artifacts}"
-                            )
-                        ) from exc
-                    mine.discard(trial_id)  # only now: until it is stored, it is ours
-                    storage_s += time.perf_counter() - t0
-                    trained += 1
-                    if trial.state.name == "COMPLETE":
-                        trained_runs.add((run.variant, run.repeat))
-                    view.record(trial)
-                    observer.run_finished(run)
-    view.refresh()
-    entries = [
-        _variant_entry(
-            v,
-            list(view.completed[v.name].values()),
-            view.failures[v.name],
-            exports.get(v.name),
-            settings,
+            except OSError as exc:  # the weights' folder: a full disk, say
+                raise CsoError(
+                    _cannot_write(exc, f"the weights of {run.variant} in {self.settings.artifacts}")
+                ) from exc
+            self.mine.discard(trial_id)  # only now: until it is stored, it is ours
+            self.storage_s += time.perf_counter() - t0
+            self.trained += 1
+            if trial.state.name == "COMPLETE":
+                self.trained_runs.add((run.variant, run.repeat))
+            self.view.record(trial)
+            self.observer.run_finished(run)
+
+    def results(self, *, started: float, setup_s: float) -> GridOutcome:
+        """Rank and compare the variants (all of the study's runs, whoever trained them), time
+        the storage against the wall time since ``started``, and write the results file."""
+        settings, view = self.settings, self.view
+        view.refresh()
+        entries = [
+            _variant_entry(
+                v,
+                list(view.completed[v.name].values()),
+                view.failures[v.name],
+                self.exports.get(v.name),
+                settings,
+            )
+            for v in settings.variants
+        ]
+        summary = _summary(entries, self.exports, self.split, self.dataset, settings.seed)
+        if "baseline" in summary:  # trained here, or (all or partly) in an earlier run of the study
+            summary["baseline"]["trained_in_this_run"] = all(
+                (BASELINE_NAME, repeat) in self.trained_runs
+                for repeat in view.completed[BASELINE_NAME]
+            )
+        wall = time.perf_counter() - started
+        storage_s = self.storage_s
+        summary["timing"] = {
+            "wall_s": round(wall, 3),
+            "storage_setup_s": round(setup_s, 3),
+            "storage_s": round(setup_s + storage_s, 3),
+            "storage_share": round((setup_s + storage_s) / wall, 4),
+            "storage_runs_s": round(storage_s, 3),
+            "storage_runs_share": round(storage_s / wall, 4),
+            "runs_trained": self.trained,
+            "runs_resumed": self.resumed,
+            "jobs": settings.jobs,
+        }
+        return self._write(entries, summary)
+
+    def _write(self, entries: list[dict[str, Any]], summary: dict[str, Any]) -> GridOutcome:
+        """Write the results file, keeping what ``cso export`` added to this study's one."""
+        settings, dataset = self.settings, self.dataset
+        results_path = settings.output_dir / RESULTS_FILENAME
+        try:
+            existing = read_results(results_path)
+            check_mergeable(existing, results_path, settings.study_name, dataset.fingerprint)
+        except ResultsError:
+            existing = None  # another study's, or unreadable: the grid's own output replaces it
+        results = document(
+            data_section(settings.data_path, dataset, self.split),
+            study_section(settings.study_name, settings.storage, settings.artifacts),
+            [*entries, *_kept_entries(existing, self.by_name)],
+            summary,
+            settings={
+                "epochs": settings.epochs,
+                "repeats": settings.repeats,
+                "device": settings.device,
+                "seed": settings.seed,
+            },
         )
-        for v in settings.variants
-    ]
-    summary = _summary(entries, exports, split, dataset, settings.seed)
-    if "baseline" in summary:  # trained here, or (all or partly) in an earlier run of the study
-        summary["baseline"]["trained_in_this_run"] = all(
-            (BASELINE_NAME, repeat) in trained_runs for repeat in view.completed[BASELINE_NAME]
-        )
-    wall = time.perf_counter() - started
-    summary["timing"] = {
-        "wall_s": round(wall, 3),
-        "storage_setup_s": round(setup_s, 3),
-        "storage_s": round(setup_s + storage_s, 3),
-        "storage_share": round((setup_s + storage_s) / wall, 4),
-        "storage_runs_s": round(storage_s, 3),
-        "storage_runs_share": round(storage_s / wall, 4),
-        "runs_trained": trained,
-        "runs_resumed": resumed,
-        "jobs": settings.jobs,
-    }
-    results_path = settings.output_dir / RESULTS_FILENAME
-    try:
-        existing = read_results(results_path)
-        check_mergeable(existing, results_path, settings.study_name, dataset.fingerprint)
-    except ResultsError:
-        existing = None  # another study's, or unreadable: the grid's own output replaces it
-    results = document(
-        data_section(settings.data_path, dataset, split),
-        study_section(settings.study_name, settings.storage, settings.artifacts),
-        [*entries, *_kept_entries(existing, by_name)],
-        summary,
-        settings={
-            "epochs": settings.epochs,
-            "repeats": settings.repeats,
-            "device": settings.device,
-            "seed": settings.seed,
-        },
-    )
-    if existing is not None and "ensemble" in existing["summary"]:
-        results["summary"]["ensemble"] = existing["summary"]["ensemble"]
-    try:
-        write_results(results_path, results)
-    except OSError as exc:
-        raise CsoError(_cannot_write(exc, str(results_path))) from exc
-    return GridOutcome(results=results, results_path=results_path, dataset=dataset)
+        if existing is not None and "ensemble" in existing["summary"]:
+            results["summary"]["ensemble"] = existing["summary"]["ensemble"]
+        try:
+            write_results(results_path, results)
+        except OSError as exc:
+            raise CsoError(_cannot_write(exc, str(results_path))) from exc
+        return GridOutcome(results=results, results_path=results_path, dataset=dataset)
 
 
 def _cannot_write(exc: OSError, what: str) -> str:

@@ -655,9 +655,11 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
 
 def _open_grid_study(storage: RDBStorage, settings: GridSettings, dataset: Dataset) -> optuna.Study:
     """The grid's study (refused when it was made for other data or settings), with what
-    ``cso export`` and ``cso best`` read back: the data file."""
+    ``cso export`` and ``cso best`` read back: the data file and, for a CSV, its label column."""
     study = open_study(storage, settings.study_name, _identity(settings, dataset))
     study.set_user_attr("data_path", str(settings.data_path))  # for cso export's parity check
+    if settings.target is not None:  # a CSV's label column: export and best read it back
+        study.set_user_attr("target", settings.target)
     return study
 
 

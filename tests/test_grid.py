@@ -29,7 +29,7 @@ from calling_score_opt.grid import (
 )
 from calling_score_opt.space import VARIANTS, grid_distributions
 from calling_score_opt.study import BASELINE_ATTR, artifact_store, open_storage
-from calling_score_opt.trials import learning_curve
+from calling_score_opt.trials import learning_curve, study_data
 
 EPOCHS = 2
 ENTRY_FIELDS = {
@@ -263,6 +263,28 @@ def test_study_remembers_data_and_settings(
     assert attrs["split_seed"] == 0
     assert "feature_names" not in attrs  # 39 names would fill `optuna studies`; the fingerprint
     assert study.metric_names == ["val_loss"]  # optuna-dashboard names the objective
+    assert "target" not in attrs  # the app's JSON has its label: no column to remember
+
+
+def test_a_csv_grid_study_remembers_its_label_column(tmp_path: Path, run_cli: Any) -> None:
+    """cso export and cso best load the study's data again: a CSV's label column is recorded
+    with its path, so neither needs --target."""
+    rows = [
+        f"u{i},{i % 13 / 13:.4f},{i % 7 / 7:.4f},{(i % 13 / 13 + i % 7 / 7) / 2:.4f}"
+        for i in range(60)
+    ]
+    csv = tmp_path / "t.csv"
+    csv.write_text("user,a,b,score\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    settings = settings_in(tmp_path, csv, target="score", max_variants=2)
+    run_grid(settings)
+    study = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    assert study.user_attrs["target"] == "score"
+    data = study_data(study)  # neither a data path nor a target given
+    assert data.path == csv
+    assert data.dataset.feature_names == ("a", "b")
+    result = run_cli("best", "--study", settings.study_name, "--storage", settings.storage)
+    assert result.exit_code == 0, result.output
+    assert "v1_" in result.stdout
 
 
 def test_onnx_metadata_describes_the_variant(full_grid: GridOutcome) -> None:

@@ -6,10 +6,8 @@ optuna-dashboard are imported inside them, so ``cso --help`` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,8 +15,9 @@ import typer
 from rich.markup import escape
 
 from calling_score_opt.console import console, fails_cleanly
-from calling_score_opt.errors import ConfigError, CsoError, StudyError
+from calling_score_opt.errors import ConfigError, StudyError
 from calling_score_opt.options import Artifacts, Storage, Study
+from calling_score_opt.study import hide_password, passwords_hidden
 
 GRID_STUDY = "calling-score-grid"  # what a newcomer has after `cso grid`
 DEFAULT_RESULTS = Path("assets/models/optimized/optimization_results.json")  # cso grid's
@@ -38,41 +37,6 @@ def _storage_url(storage: str | None, study: str) -> str:
                 "--study and --storage of an existing study"
             )
     return url
-
-
-def _hide_password(text: str, url: str) -> str:
-    """``text`` with the storage URL's password shown as ``***``, however it got there.
-
-    cso's messages name the storage they could not use; a PostgreSQL URL carries its password.
-    """
-    from urllib.parse import parse_qsl, unquote, urlsplit
-
-    from calling_score_opt.study import redact_url
-
-    if not url:
-        return text
-    text = text.replace(url, redact_url(url))
-    try:
-        parts = urlsplit(url)
-        secrets = [parts.password or ""]
-        secrets += [v for k, v in parse_qsl(parts.query) if k.lower() in ("password", "passwd")]
-    except ValueError:
-        secrets = []
-    for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, "***").replace(unquote(secret), "***")
-    return text
-
-
-@contextlib.contextmanager
-def _password_hidden(url: str) -> Iterator[None]:
-    """Re-raise cso's errors with the storage URL's password hidden (see :func:`_hide_password`)."""
-    try:
-        yield
-    except CsoError as exc:
-        message = _hide_password(str(exc), url)
-        if message == str(exc):
-            raise
-        raise type(exc)(message) from None
 
 
 def _check_output(path: Path) -> None:
@@ -163,7 +127,7 @@ def report(
 
     path = output or REPORTS_DIR / f"{study}.html"
     _check_output(path)
-    with _password_hidden(storage or ""):
+    with passwords_hidden(storage):
         url = _storage_url(storage, study)
         folder = _artifact_dir(artifacts, url, study)
         loaded = load_study(url, study)
@@ -184,7 +148,7 @@ def report(
         f"Report: {escape(str(outcome.path))} ({len(outcome.plots)} plots)", highlight=False
     )
     for section, why in outcome.notes.items():
-        why = _hide_password(why, url)
+        why = hide_password(why, url)
         console.print(f"  no {section} plot: {escape(why)}", highlight=False, soft_wrap=True)
     if variant_errors is not None and variant_errors.note:
         console.print(
@@ -212,7 +176,7 @@ def dashboard(
     from calling_score_opt.dashboard import is_loopback, open_dashboard, serve
     from calling_score_opt.study import redact_url
 
-    with _password_hidden(storage or ""):
+    with passwords_hidden(storage):
         url = _storage_url(storage, study)
         board = open_dashboard(study, url, host, port, artifacts)
     if not is_loopback(host):

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calling_score_opt.errors import StudyError
+from calling_score_opt.errors import CsoError, StudyError
 
 if TYPE_CHECKING:
     import optuna
@@ -78,6 +78,37 @@ def redact_url(url: str) -> str:
     """
     redacted = _URL_PASSWORD.sub(r"\g<head>***@", url)
     return _QUERY_PASSWORD.sub(r"\g<head>***", redacted)
+
+
+def hide_password(text: str, url: str | None = None) -> str:
+    """``text`` with every URL password in it masked (:func:`redact_url`) and, given the
+    storage ``url`` it is about, that URL's password wherever it appears on its own."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    text = redact_url(text)
+    if not url:
+        return text
+    try:
+        parts = urlsplit(url)
+        secrets = [parts.password or ""]
+        secrets += [v for k, v in parse_qsl(parts.query) if k.lower() in ("password", "passwd")]
+    except ValueError:
+        secrets = []
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***").replace(unquote(secret), "***")
+    return text
+
+
+@contextlib.contextmanager
+def passwords_hidden(url: str | None) -> Iterator[None]:
+    """Re-raise cso's errors raised inside with ``url``'s password hidden (they are printed)."""
+    try:
+        yield
+    except CsoError as exc:
+        message = hide_password(str(exc), url)
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from None
 
 
 def check_study_name(name: str) -> str:

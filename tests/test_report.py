@@ -32,7 +32,6 @@ from typer.testing import CliRunner, Result
 from calling_score_opt import report as rpt
 from calling_score_opt.errors import StudyError
 from calling_score_opt.grid import GridSettings, run_grid
-from calling_score_opt.report_cli import _hide_password
 from calling_score_opt.report_cli import report as report_command
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.space import VARIANTS
@@ -44,6 +43,7 @@ from calling_score_opt.study import (
     store_learning_curve,
     store_study_json,
 )
+from calling_score_opt.study import hide_password as _hide_password
 from calling_score_opt.synth import write_synthetic
 from calling_score_opt.trials import learning_curve, load_study
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 from calling_score_opt.atomic import write_text_atomic
-from calling_score_opt.errors import CsoError
 from calling_score_opt.registry.fileformat import load_registry
 from calling_score_opt.registry.inspection import (
     InspectedModel,
@@ -41,6 +39,7 @@ from calling_score_opt.registry.records import (
     check_version_name,
     utc_now,
 )
+from calling_score_opt.study import passwords_hidden
 
 
 @dataclass(frozen=True)
@@ -188,21 +187,6 @@ def trial_source(study_name: str, storage_url: str, trial: int) -> dict[str, Any
     }
 
 
-@contextmanager
-def secrets_kept_out(storage_url: str) -> Iterator[None]:
-    """Mask ``storage_url``'s password in any cso error raised inside (they are printed)."""
-    from calling_score_opt.study import redact_url
-
-    redacted = redact_url(storage_url)
-    try:
-        yield
-    except CsoError as exc:
-        message = str(exc)
-        if redacted == storage_url or storage_url not in message:
-            raise
-        raise type(exc)(message.replace(storage_url, redacted)) from None
-
-
 def register_trial(
     registry_path: Path,
     registration: Registration,
@@ -303,11 +287,11 @@ def _register_from_study(
             f"{final_dir} already exists but is no registered version; move it away or choose "
             "another --version"
         )
-    with secrets_kept_out(storage_url):
+    with passwords_hidden(storage_url):
         study = load_study(storage_url, study_name)
     staged_dir = versions_dir / f".staging-{registration.version}-{secrets.token_hex(4)}"
     try:
-        with secrets_kept_out(storage_url):
+        with passwords_hidden(storage_url):
             results, results_path, entry = export(study, staged_dir)
         staged_model = Path(entry["onnx_path"])
         inspected = inspect_model(staged_model, registration.model_type)

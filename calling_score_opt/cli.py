@@ -668,14 +668,6 @@ def export(
     rounds: Annotated[
         int, typer.Option(min=1, help="--ensemble: picks of the greedy selection (best kept).")
     ] = 50,
-    bag: Annotated[
-        int | None,
-        typer.Option(
-            min=2,
-            help="--ensemble: retrain each member on N folds of train + validation and use the "
-            "mean of its N fold models (N times the file size; minutes of training).",
-        ),
-    ] = None,
     output_dir: Annotated[
         Path, typer.Option(help="Where the ONNX files and optimization_results.json go.")
     ] = Path("assets/models/exported"),
@@ -701,26 +693,15 @@ def export(
         raise ConfigError(
             "say what to export: exactly one of --trial N, --best, --top K, --ensemble"
         )
-    if bag is not None and not ensemble:
-        raise ConfigError("--bag applies to --ensemble only")
     check_output_dir(output_dir, "--output-dir")
     url = storage or default_storage_url(study)
     loaded = load_study(url, study)
     if ensemble:
         from calling_score_opt.ensemble import build_ensemble
 
-        with console.status("building the ensemble: scoring every complete trial...") as status:
+        with console.status("building the ensemble: scoring every complete trial..."):
             outcome = build_ensemble(
-                loaded,
-                output_dir,
-                url,
-                artifacts,
-                data_path,
-                target,
-                max_members,
-                rounds,
-                bag=bag,
-                on_progress=status.update,
+                loaded, output_dir, url, artifacts, data_path, target, max_members, rounds
             )
         _print_ensemble(outcome.record, outcome.export.parity_max_abs_diff)
         console.print(f"Results: {escape(str(outcome.results_path))}", highlight=False)
@@ -750,13 +731,7 @@ def _interval_line(label: str, comparison: dict[str, Any] | None) -> str:
 def _print_ensemble(record: dict[str, Any], parity: float) -> None:
     console.print(
         f"[bold]Ensemble of {len(record['members'])} trials[/] ({record['rounds']} picks from "
-        f"{record['candidates']} complete trials, {record['method']}"
-        + (
-            f"; each member retrained on {record['bag']} folds of train + validation, its "
-            "validation loss out of fold)"
-            if record.get("bag")
-            else ")"
-        ),
+        f"{record['candidates']} complete trials, {record['method']})",
         highlight=False,
         soft_wrap=True,
     )

@@ -12,8 +12,7 @@ never used to choose, and the gain on it gets a paired-bootstrap interval.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,51 +122,6 @@ class Candidate:
     test: F64
 
 
-@dataclass(frozen=True)
-class Bag:
-    """A member retrained on the folds of train + validation: one model per fold, its
-    out-of-fold scores (each record scored by the model that never saw it) and the fold
-    models' mean score on the test split."""
-
-    models: list[CallingScoreModel]
-    out_of_fold: F64  # [n_train + n_val], train records first
-    test: F64
-
-
-def bag_member(
-    candidate: Candidate, data: StudyData, folds: int, on_fold: Callable[[int], None] | None = None
-) -> Bag:
-    """Retrain ``candidate``'s configuration on ``folds`` folds of train + validation.
-
-    Every member uses the same folds (drawn from the split's seed), so the ensemble's
-    out-of-fold score of a record never comes from a model that trained on it. Fold k trains
-    on the other folds, stops early on fold k, and starts from seed + 1 + k.
-    """
-    from calling_score_opt.data import Split
-    from calling_score_opt.stacked import train_one
-
-    split = data.split
-    x_all = np.concatenate([split.x_train, split.x_val])
-    y_all = np.concatenate([split.y_train, split.y_val])
-    fold = np.random.default_rng(split.seed).permutation(len(y_all)) % folds
-    out_of_fold = np.zeros(len(y_all))
-    test = np.zeros(len(split.y_test))
-    models = []
-    for k in range(folds):
-        if on_fold is not None:
-            on_fold(k)
-        fit, held = fold != k, fold == k
-        part = Split(
-            x_all[fit], y_all[fit], x_all[held], y_all[held], split.x_test, split.y_test, split.seed
-        )
-        config = dataclasses.replace(candidate.config, seed=candidate.config.seed + 1 + k)
-        result = train_one(part, config, "cpu", None)
-        out_of_fold[held] = predict(result.model, x_all[held])
-        test += predict(result.model, split.x_test) / folds
-        models.append(result.model)
-    return Bag(models, out_of_fold, test)
-
-
 def _candidates(study: optuna.Study, store: Any, data: StudyData) -> list[Candidate]:
     from optuna.trial import TrialState
 
@@ -225,8 +179,6 @@ def build_ensemble(
     max_members: int = DEFAULT_MAX_MEMBERS,
     rounds: int = DEFAULT_ROUNDS,
     final_dir: Path | None = None,
-    bag: int | None = None,
-    on_progress: Callable[[str], None] | None = None,
 ) -> EnsembleOutcome:
     """Select, export (verified, one file) and record the best ensemble of the study's trials.
 
@@ -234,11 +186,6 @@ def build_ensemble(
     draws) and, as an entry named ``ensemble``, into the output folder's
     optimization_results.json. ``final_dir``: where the files will live once moved (the
     registry exports to a staging folder first); the record names the file there.
-
-    ``bag`` N: after the selection, each member is retrained on N folds of train + validation
-    (:func:`bag_member`) and replaced by the mean of its N fold models, weights unchanged. Its
-    validation loss is then the out-of-fold one (each validation record scored by models that
-    never saw it); the test split is untouched either way.
 
     Raises:
         StudyError: no complete trial, weights or data missing, or another study's results file.
@@ -252,8 +199,6 @@ def build_ensemble(
         raise ConfigError(
             f"--max-members and --rounds must be at least 1, got {max_members}, {rounds}"
         )
-    if bag is not None and bag < 2:
-        raise ConfigError(f"--bag must be at least 2 folds, got {bag}")
     data = study_data(study, data_path, target)
     results_path = output_dir / RESULTS_FILENAME
     existing = read_results(results_path)
@@ -268,33 +213,13 @@ def build_ensemble(
     weights = selection.weights(len(candidates))
     order = sorted(np.flatnonzero(weights), key=lambda i: (-weights[i], i))
     members = [candidates[i] for i in order]
-    n_train = len(data.split.y_train)
     member_weights = [float(weights[i]) for i in order]
-    if bag is None:
-        model = EnsembleModel([m.model for m in members], member_weights)
-        val_scores = _weighted(member_weights, [m.val for m in members])
-        test_scores = _weighted(member_weights, [m.test for m in members])
-        train_scores = _weighted(
-            member_weights, [predict(m.model, data.split.x_train) for m in members]
-        )
-    else:
-        bags = []
-        for position, member in enumerate(members):
-
-            def fold_done(k: int, position: int = position) -> None:
-                if on_progress is not None:
-                    on_progress(
-                        f"bagging: member {position + 1} of {len(members)}, fold {k + 1} of {bag}"
-                    )
-
-            bags.append(bag_member(member, data, bag, fold_done))
-        model = EnsembleModel(
-            [m for b in bags for m in b.models],
-            [w / bag for w, b in zip(member_weights, bags, strict=True) for _ in b.models],
-        )
-        out_of_fold = _weighted(member_weights, [b.out_of_fold for b in bags])
-        train_scores, val_scores = out_of_fold[:n_train], out_of_fold[n_train:]
-        test_scores = _weighted(member_weights, [b.test for b in bags])
+    model = EnsembleModel([m.model for m in members], member_weights)
+    val_scores = _weighted(member_weights, [m.val for m in members])
+    test_scores = _weighted(member_weights, [m.test for m in members])
+    train_scores = _weighted(
+        member_weights, [predict(m.model, data.split.x_train) for m in members]
+    )
     best = candidates[0]
     baseline_frozen = baseline_trial(study)
     baseline = next(
@@ -327,7 +252,6 @@ def build_ensemble(
         "variant": ENSEMBLE_NAME,
         "ensemble": {
             "method": METHOD,
-            "bag": bag,
             "members": [
                 {"trial": r["trial"], "name": r["name"], "weight": r["weight"]} for r in member_rows
             ],
@@ -348,8 +272,6 @@ def build_ensemble(
         "method": METHOD,
         "rounds": len(selection.picks),
         "max_members": max_members,
-        "bag": bag,
-        "val_loss_kind": "validation split" if bag is None else "out of fold (validation split)",
         "candidates": len(candidates),
         "members": member_rows,
         "selection": [

@@ -29,7 +29,7 @@ from calling_score_opt.study import (
     read_study_json,
 )
 from calling_score_opt.train import load_checkpoint
-from calling_score_opt.trials import RESULTS_FILENAME, load_study, predict
+from calling_score_opt.trials import RESULTS_FILENAME, load_study
 
 RunCli = Callable[..., Result]
 STUDY = "calling-score-search"
@@ -340,68 +340,3 @@ def test_an_ensemble_of_a_grid_study(run_cli: RunCli, data_copy: Path, tmp_path:
     results = json.loads(Path("assets/models/optimized", RESULTS_FILENAME).read_text())
     assert "ensemble" in {v["name"] for v in results["variants"]}
     assert "ensemble" in results["summary"]
-
-
-# --- bagging: --bag N ----------------------------------------------------------------------------
-
-
-def test_a_bagged_member_scores_each_record_with_the_model_that_never_saw_it(
-    study_here: Path, synth_file: Path
-) -> None:
-    from calling_score_opt.ensemble import _candidates, bag_member
-    from calling_score_opt.trials import study_data
-
-    study = _load()
-    data = study_data(study)
-    candidate = _candidates(study, artifact_store(study_here / f"{STUDY}.artifacts"), data)[0]
-    bagged = bag_member(candidate, data, folds=3)
-    assert len(bagged.models) == 3
-    split = data.split
-    x_all = np.concatenate([split.x_train, split.x_val])
-    fold = np.random.default_rng(split.seed).permutation(len(x_all)) % 3
-    for k, model in enumerate(bagged.models):
-        held = predict(model, x_all[fold == k])
-        np.testing.assert_allclose(bagged.out_of_fold[fold == k], held, rtol=1e-6)
-    expected_test = np.mean([predict(m, split.x_test) for m in bagged.models], axis=0)
-    np.testing.assert_allclose(bagged.test, expected_test, rtol=1e-9)
-    # the folds differ, so the fold models do too
-    assert not np.allclose(predict(bagged.models[0], split.x_test), expected_test)
-
-
-def test_export_ensemble_with_bag_is_one_model_of_members_times_folds(
-    study_here: Path, run_cli: RunCli, tmp_path: Path, synth_file: Path
-) -> None:
-    result = run_cli(
-        "export", "--ensemble", "--bag", "2", "--max-members", "2", "--output-dir", "b"
-    )
-    assert result.exit_code == 0, result.output
-    assert "retrained on 2 folds of train + validation" in result.stdout
-    path = tmp_path / "b" / ONNX_FILENAME
-    assert contract_problems(path, n_features=39) == []
-    metadata = read_metadata(path)
-    listed = json.loads(metadata["ensemble"])
-    assert listed["bag"] == 2
-    store = artifact_store(study_here / f"{STUDY}.artifacts")
-    record = read_study_json(store, _load(), ENSEMBLE_STEM)
-    assert record is not None and record["bag"] == 2
-    assert record["val_loss_kind"] == "out of fold (validation split)"
-    split = split_dataset(load_dataset(synth_file), seed=0)
-    scores = onnx_predict(path, split.x_test).astype(np.float64)
-    assert float(np.mean((scores - split.y_test) ** 2)) == pytest.approx(
-        record["test_loss"], abs=1e-6
-    )
-    import onnx
-
-    graph = onnx.load(str(path)).graph
-    weights = [n for n in graph.node if n.op_type == "Mul"]
-    assert len(weights) == 2 * len(record["members"])  # every member's 2 fold models
-
-
-@pytest.mark.parametrize(
-    "options", [("--ensemble", "--bag", "1"), ("--trial", "0", "--bag", "3")], ids=["one", "no-ens"]
-)
-def test_bag_refusals(study_here: Path, run_cli: RunCli, options: tuple[str, ...]) -> None:
-    result = run_cli("export", *options, "--output-dir", "out")
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    if "--trial" in options:
-        assert_clean_failure(result, "--bag applies to --ensemble only")

@@ -153,17 +153,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str, example: str = "") -> None:
     """Refuse, before any work, a file path no write can succeed at: a folder, a path under a
     file, or a folder this process may not write in. (A full disk still shows at the write.)
 
     Raises:
-        ConfigError: naming ``flag``, the path and what is in the way.
+        ConfigError: naming ``flag``, the path and what is in the way (for a folder, a file
+            name in it to use instead: ``example``).
     """
     from calling_score_opt.errors import ConfigError
 
     if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; name the file to write in it")
+        instead = f", e.g. {path / example}" if example else " in it"
+        raise ConfigError(f"{flag} {path}: is a folder; name the file to write{instead}")
     _check_parents(path, flag)
 
 

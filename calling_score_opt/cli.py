@@ -325,7 +325,9 @@ def train(
     from calling_score_opt.space import parse_hidden_sizes
     from calling_score_opt.train import TrainConfig, train_model
 
-    check_output_file(output_path, "--output-path")  # now, not after the whole training
+    check_output_file(
+        output_path, "--output-path", example="model.onnx"
+    )  # now, not after the whole training
     config = TrainConfig(
         learning_rate=learning_rate,
         batch_size=batch_size,
@@ -854,7 +856,7 @@ def data_synth(
 
     if kind not in KINDS:
         raise ConfigError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    check_output_file(output, "--output")
+    check_output_file(output, "--output", example="data.json")
     if output.exists() and not force:
         raise ConfigError(
             f"--output {output}: exists; pass --force to replace it (it may be real data)"

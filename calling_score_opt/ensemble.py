@@ -339,8 +339,3 @@ def build_ensemble(
 def explained_share(test_loss: float, label_variance: float, irreducible: float) -> float:
     """Share of the explainable variance a model captures: (var(y) - MSE) / (var(y) - floor)."""
     return (label_variance - test_loss) / (label_variance - irreducible)
-
-
-def member_names(members: Sequence[dict[str, Any]]) -> str:
-    """``trial 12 (0.35), trial 4 (0.26)``: members and weights, for one line."""
-    return ", ".join(f"{m['name']} ({m['weight']:.2f})" for m in members)

@@ -7,13 +7,13 @@ optuna-dashboard are imported inside them, so ``cso --help`` stays fast.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
+from calling_score_opt.atomic import check_output_file
 from calling_score_opt.console import console, fails_cleanly
 from calling_score_opt.errors import ConfigError, StudyError
 from calling_score_opt.options import Artifacts, Storage, Study
@@ -37,22 +37,6 @@ def _storage_url(storage: str | None, study: str) -> str:
                 "--study and --storage of an existing study"
             )
     return url
-
-
-def _check_output(path: Path) -> None:
-    """Refuse an --output that cannot be a file before any work: a folder, or a path under a
-    file. Other write errors (permissions, a full disk) surface when the report is written."""
-    if path.is_dir():
-        raise ConfigError(
-            f"--output {path}: is a folder; name the file to write, e.g. {path / 'report.html'}"
-        )
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--output {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ConfigError(f"--output {path}: cannot write in {parent} (permission denied)")
-            return
 
 
 def _artifact_dir(artifacts: Path | None, url: str, study: str) -> Path:
@@ -126,7 +110,7 @@ def report(
     from calling_score_opt.trials import load_study
 
     path = output or REPORTS_DIR / f"{study}.html"
-    _check_output(path)
+    check_output_file(path, "--output", example="report.html")
     with passwords_hidden(storage):
         url = _storage_url(storage, study)
         folder = _artifact_dir(artifacts, url, study)

@@ -56,6 +56,19 @@ def write_json(path: Path, document: Any) -> Path:
     return path
 
 
+def postgres_url_or_skip() -> str:
+    """The test PostgreSQL server's URL (``.ci/run`` starts one and sets
+    ``CSO_TEST_POSTGRES_URL``); skip without one, but fail under CI, where it must be there."""
+    import os
+
+    url = os.environ.get("CSO_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("CI") == "true":
+        pytest.fail("CSO_TEST_POSTGRES_URL is not set in CI: .ci/run must start PostgreSQL")
+    pytest.skip("no PostgreSQL: set CSO_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+
+
 def cso_executable() -> str:
     """The real ``cso`` console script of this environment."""
     candidate = Path(sys.executable).parent / "cso"

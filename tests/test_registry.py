@@ -27,7 +27,7 @@ import onnx
 import pytest
 import typer
 from filelock import FileLock
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, postgres_url_or_skip
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner, Result
 
@@ -675,11 +675,7 @@ def test_a_password_an_older_cso_recorded_is_masked_and_scrubbed(mid_test: Path)
 
 
 def test_a_real_postgresql_url_stays_out_of_errors() -> None:
-    url = os.environ.get("CSO_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CSO_TEST_POSTGRES_URL is not set in CI: .ci/run must start PostgreSQL")
-        pytest.skip("no PostgreSQL: set CSO_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+    url = postgres_url_or_skip()
     from calling_score_opt.study import redact_url
 
     secret = url.split("://", 1)[1].split("@", 1)[0].partition(":")[2]

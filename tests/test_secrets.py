@@ -8,13 +8,12 @@ results, the registry, the report) and every line printed are searched for the p
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, postgres_url_or_skip
 from typer.testing import Result
 
 RunCli = Callable[..., Result]
@@ -23,11 +22,7 @@ PASSWORD = "Sup3r-S3cret-pw"  # the test server trusts loopback, so any password
 
 @pytest.fixture
 def secret_url() -> str:
-    url = os.environ.get("CSO_TEST_POSTGRES_URL")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CSO_TEST_POSTGRES_URL is not set in CI: .ci/run must start PostgreSQL")
-        pytest.skip("no PostgreSQL: set CSO_TEST_POSTGRES_URL (see .ci/postgres.sh)")
+    url = postgres_url_or_skip()
     scheme, rest = url.split("://", 1)
     credentials, host = rest.rsplit("@", 1)
     user = credentials.split(":", 1)[0]

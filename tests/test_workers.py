@@ -21,28 +21,19 @@ from pathlib import Path
 import onnx
 import optuna
 import pytest
+from helpers import postgres_url_or_skip
 from optuna.trial import TrialState
 
 from calling_score_opt.space import VARIANTS
 from calling_score_opt.study import open_storage
 from calling_score_opt.synth import write_synthetic
 
-POSTGRES_URL = os.environ.get("CSO_TEST_POSTGRES_URL")
-
-
-def _postgres_or_skip() -> str:
-    if POSTGRES_URL:
-        return POSTGRES_URL
-    if os.environ.get("CI") == "true":
-        pytest.fail("CSO_TEST_POSTGRES_URL is not set in CI: .ci/run must start PostgreSQL")
-    pytest.skip("no PostgreSQL: set CSO_TEST_POSTGRES_URL (see .ci/postgres.sh)")
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/studies/shared.db"
-    return _postgres_or_skip()
+    return postgres_url_or_skip()
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import numpy as np
 
 from calling_score_opt.data import Array, Dataset, Split, load_dataset, split_dataset
 from calling_score_opt.errors import CsoError, StudyError
-from calling_score_opt.results import RESULTS_FILENAME as RESULTS_FILENAME  # older importers
 from calling_score_opt.results import (
+    RESULTS_FILENAME,
     best_single,
     check_mergeable,
     data_section,

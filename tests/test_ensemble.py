@@ -20,6 +20,7 @@ from calling_score_opt.ensemble import ONNX_FILENAME, build_ensemble, greedy_sel
 from calling_score_opt.errors import ConfigError
 from calling_score_opt.export import contract_problems, onnx_predict, read_metadata
 from calling_score_opt.registry import load_registry
+from calling_score_opt.results import RESULTS_FILENAME
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.study import (
     ENSEMBLE_STEM,
@@ -29,7 +30,7 @@ from calling_score_opt.study import (
     read_study_json,
 )
 from calling_score_opt.train import load_checkpoint
-from calling_score_opt.trials import RESULTS_FILENAME, load_study
+from calling_score_opt.trials import load_study
 
 RunCli = Callable[..., Result]
 STUDY = "calling-score-search"

@@ -91,7 +91,10 @@ def test_grid_output_dir_that_cannot_be_a_folder_is_refused(
 @pytest.mark.parametrize(
     ("output_path", "fragment"),
     [
-        ("models", "--output-path models: is a folder; name the file to write, e.g. models/model.onnx"),
+        (
+            "models",
+            "--output-path models: is a folder; name the file to write, e.g. models/model.onnx",
+        ),
         ("notes.txt/m.onnx", "/notes.txt is a file, not a folder"),
     ],
     ids=["a-folder", "under-a-file"],

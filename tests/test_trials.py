@@ -21,11 +21,11 @@ import calling_score_opt.stacked as stacked_module
 from calling_score_opt.data import load_dataset, split_dataset
 from calling_score_opt.errors import StudyError, TrainingError
 from calling_score_opt.export import contract_problems, onnx_predict, read_metadata
+from calling_score_opt.results import RESULTS_FILENAME
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.study import artifact_store, open_storage, read_checkpoint
 from calling_score_opt.train import load_checkpoint
 from calling_score_opt.trials import (
-    RESULTS_FILENAME,
     best_trials,
     hidden_sizes,
     load_study,

@@ -93,7 +93,7 @@ def _results_entry(model_path: Path, variant: str | None, fingerprint: str | Non
 
     Only an entry of the same variant, trained on the same data (fingerprint), counts.
     """
-    from calling_score_opt.trials import RESULTS_FILENAME
+    from calling_score_opt.results import RESULTS_FILENAME
 
     results_path = model_path.parent / RESULTS_FILENAME
     if variant is None or not results_path.is_file():

@@ -92,6 +92,37 @@ def assert_clean_failure(result: Result, *fragments: str, exit_code: int = 2) ->
     return message
 
 
+def run_small_grid(
+    run_cli: Callable[..., Result],
+    data: Path,
+    *options: str,
+    max_variants: int = 2,
+    epochs: int = 2,
+) -> Result:
+    """``cso grid`` on tiny data, in-process, one job, quiet; it must succeed."""
+    result = run_cli(
+        "grid", "--data-path", data, "--max-variants", str(max_variants), "--epochs", str(epochs),
+        "--jobs", "1", "--quiet", *options,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def make_variant_learn_nothing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Give grid variant ``name`` learning rate 10: it trains a dead, constant model."""
+    from dataclasses import replace
+
+    from calling_score_opt.space import Variant
+
+    real = Variant.train_config
+
+    def dead(self: Variant, epochs: int, seed: int) -> TrainConfig:
+        config = real(self, epochs, seed)
+        return replace(config, learning_rate=10.0) if self.name == name else config
+
+    monkeypatch.setattr(Variant, "train_config", dead)
+
+
 def files_under(root: Path, exclude: Sequence[Path] = ()) -> list[Path]:
     """Every file below ``root`` except ``exclude``, sorted (to show nothing new appeared)."""
     skip = {p.resolve() for p in exclude}

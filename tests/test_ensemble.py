@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, run_small_grid
 from typer.testing import Result
 
 import calling_score_opt.ensemble as ensemble_module
@@ -297,19 +297,7 @@ def test_register_the_ensemble_from_the_study_and_from_its_file(
 
 
 def test_an_ensemble_of_a_grid_study(run_cli: RunCli, data_copy: Path, tmp_path: Path) -> None:
-    grid = run_cli(
-        "grid",
-        "--data-path",
-        data_copy,
-        "--max-variants",
-        "3",
-        "--epochs",
-        "2",
-        "--jobs",
-        "1",
-        "--quiet",
-    )
-    assert grid.exit_code == 0, grid.output
+    run_small_grid(run_cli, data_copy, max_variants=3)
     result = run_cli(
         "export",
         "--ensemble",
@@ -325,19 +313,7 @@ def test_an_ensemble_of_a_grid_study(run_cli: RunCli, data_copy: Path, tmp_path:
     assert {"v1_0_baseline", "v1_1_lr_0.0001", "v1_1_lr_0.0005", "ensemble"} <= names
     assert "bootstrap" in results["summary"]  # the grid's own summary is kept
     # a rerun of the grid keeps what export added to its results file
-    again = run_cli(
-        "grid",
-        "--data-path",
-        data_copy,
-        "--max-variants",
-        "3",
-        "--epochs",
-        "2",
-        "--jobs",
-        "1",
-        "--quiet",
-    )
-    assert again.exit_code == 0, again.output
+    run_small_grid(run_cli, data_copy, max_variants=3)
     results = json.loads(Path("assets/models/optimized", RESULTS_FILENAME).read_text())
     assert "ensemble" in {v["name"] for v in results["variants"]}
     assert "ensemble" in results["summary"]

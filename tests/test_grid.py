@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import pytest
-from helpers import fail_training
+from helpers import fail_training, make_variant_learn_nothing
 
 from calling_score_opt.data import FEATURE_NAMES, Dataset, load_dataset, split_dataset
 from calling_score_opt.errors import ConfigError, DataError, StudyError, TrainingError
@@ -743,15 +743,7 @@ def test_the_summary_knows_the_mean_predictor_s_loss(
 def test_a_variant_that_learned_nothing_is_flagged(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from calling_score_opt.space import Variant
-
-    real = Variant.train_config
-
-    def dead_lr(self: Variant, epochs: int, seed: int) -> Any:
-        config = real(self, epochs, seed)
-        return replace(config, learning_rate=10.0) if self.name == "v1_1_lr_0.0001" else config
-
-    monkeypatch.setattr(Variant, "train_config", dead_lr)
+    make_variant_learn_nothing(monkeypatch, "v1_1_lr_0.0001")
     outcome = run_grid(settings_in(tmp_path, synth_file, max_variants=2, epochs=8))
     entries = by_name(outcome)
     summary = outcome.results["summary"]

@@ -11,11 +11,10 @@ import io
 import json
 import re
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
+from helpers import make_variant_learn_nothing
 from rich.console import Console
 from typer.testing import Result
 
@@ -121,15 +120,7 @@ def test_the_grid_summary_says_what_its_times_and_its_baseline_are(
 def test_the_grid_summary_flags_a_variant_that_learned_nothing(
     run_cli: RunCli, data_copy: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from calling_score_opt.space import Variant
-
-    real = Variant.train_config
-
-    def dead_lr(self: Variant, epochs: int, seed: int) -> Any:
-        config = real(self, epochs, seed)
-        return replace(config, learning_rate=10.0) if self.name == "v1_1_lr_0.0001" else config
-
-    monkeypatch.setattr(Variant, "train_config", dead_lr)
+    make_variant_learn_nothing(monkeypatch, "v1_1_lr_0.0001")
     result = _grid(run_cli, data_copy, "--max-variants", "2")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]

@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import assert_clean_failure
+from helpers import assert_clean_failure, run_small_grid
 from optuna.trial import FrozenTrial, TrialState
 from typer.testing import Result
 
@@ -589,21 +589,7 @@ def test_best_on_a_grid_compares_with_the_baseline_variant_not_trial_0(
 ) -> None:
     """The grid runs its longest jobs first, so trial 0 is v1_1_batch_16; every command must
     find the baseline the same way, and report the grid summary's own figures."""
-    grid = run_cli(
-        "grid",
-        "--data-path",
-        data_copy,
-        "--output-dir",
-        "grid-out",
-        "--max-variants",
-        "8",
-        "--epochs",
-        "3",
-        "--jobs",
-        "1",
-        "--quiet",
-    )
-    assert grid.exit_code == 0, grid.output
+    run_small_grid(run_cli, data_copy, "--output-dir", "grid-out", max_variants=8, epochs=3)
     study = optuna.load_study(
         study_name="calling-score-grid", storage="sqlite:///studies/calling-score-grid.db"
     )
@@ -694,19 +680,7 @@ def test_export_to_an_output_dir_that_is_a_file_fails_cleanly(
 def test_studies_lists_every_study_with_its_kind_trials_and_best(
     run_cli: RunCli, study_here: Path, stored_trials: list[FrozenTrial], data_copy: Path
 ) -> None:
-    grid = run_cli(
-        "grid",
-        "--data-path",
-        data_copy,
-        "--max-variants",
-        "2",
-        "--epochs",
-        "2",
-        "--jobs",
-        "1",
-        "-q",
-    )
-    assert grid.exit_code == 0, grid.output
+    run_small_grid(run_cli, data_copy)
     result = run_cli("studies")
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -737,19 +711,7 @@ def test_a_missing_study_names_the_studies_there_are(run_cli: RunCli, study_here
 
 
 def test_trials_shows_each_grid_trials_variant(run_cli: RunCli, data_copy: Path) -> None:
-    grid = run_cli(
-        "grid",
-        "--data-path",
-        data_copy,
-        "--max-variants",
-        "2",
-        "--epochs",
-        "2",
-        "--jobs",
-        "1",
-        "-q",
-    )
-    assert grid.exit_code == 0, grid.output
+    run_small_grid(run_cli, data_copy)
     result = run_cli("trials", "--study", "calling-score-grid")
     assert result.exit_code == 0, result.output
     header = next(line for line in result.stdout.splitlines() if "state" in line)

@@ -7,6 +7,7 @@ never sees a model that has not passed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,21 @@ class ExportReport:
     parity_samples: int
 
 
+#: What the app must feed beside the order of the inputs: raw values, 0.5 where it has none.
+FEATURE_SPEC_RULES = {"input": "raw float32 values, scaling is in the graph", "missing_value": 0.5}
+
+
+def feature_spec_hash(feature_names: Sequence[str]) -> str:
+    """``sha256:<hex>`` of the inputs a model takes, in order, and the rules for filling them.
+
+    Two models with the same hash can be fed by the same feature builder; the registry refuses
+    to swap in a model whose hash differs from the active one's unless told why.
+    """
+    spec = {"feature_names": list(feature_names), **FEATURE_SPEC_RULES}
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 METRIC_KEYS = ("val_loss", "test_loss", "train_loss", "best_epoch", "epochs_run", "parameters")
 
 
@@ -63,6 +79,7 @@ def model_metadata(
             "seed": config.seed,
         },
         "feature_names": list(feature_names),
+        "feature_spec_hash": feature_spec_hash(feature_names),
         "input": "raw features [N, F] float32 in feature_names order; scaling is in the graph",
         "metrics": {key: metrics.get(key) for key in METRIC_KEYS},
         "data_fingerprint": data_fingerprint,

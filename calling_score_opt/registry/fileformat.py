@@ -182,6 +182,8 @@ _VERSION_KEYS = {
     "sha256",
     "source",
     "parity",
+    "featureSpecHash",
+    "featureSpecChange",
 }
 
 
@@ -223,6 +225,8 @@ def _parse_version(obj: _Object, name: str) -> ModelVersion:
         performance_metrics=obj.mapping("performanceMetrics"),
         source=_redacted_source(obj.mapping("source")),
         parity=obj.mapping("parity"),
+        feature_spec_hash=obj.optional_text("featureSpecHash"),
+        feature_spec_change=obj.mapping("featureSpecChange") or None,
         extra={k: v for k, v in obj.data.items() if k not in _VERSION_KEYS},
     )
 

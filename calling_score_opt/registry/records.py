@@ -69,9 +69,18 @@ class ModelVersion:
     performance_metrics: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
+    # which inputs it takes (registry/featurespec.py); None: unknown, or registered before cso
+    # recorded it. The change is set when it was registered with --new-feature-spec.
+    feature_spec_hash: str | None = None
+    feature_spec_change: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys others wrote; kept as they are
 
     def to_json(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {}  # left out when unset, so older records are rewritten as read
+        if self.feature_spec_hash is not None:
+            spec["featureSpecHash"] = self.feature_spec_hash
+        if self.feature_spec_change is not None:
+            spec["featureSpecChange"] = self.feature_spec_change
         return {
             "version": self.version,
             "modelPath": self.model_path,
@@ -87,6 +96,7 @@ class ModelVersion:
             "sha256": self.sha256,
             "source": self.source,
             "parity": self.parity,
+            **spec,
             **self.extra,
         }
 

@@ -15,7 +15,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from calling_score_opt.console import console, fails_cleanly
+from calling_score_opt.console import console, fails_cleanly, print_table
 from calling_score_opt.options import Storage
 from calling_score_opt.registry import (
     DEFAULT_GRID_DIR,
@@ -66,6 +66,27 @@ def _metrics_line(record: ModelVersion) -> str:
     return ", ".join(parts) or "no training metrics in its metadata"
 
 
+def _feature_spec_line(record: ModelVersion, active: str | None, reason: str | None) -> str:
+    """How the new version's inputs compare with the active version's (featurespec.py)."""
+    from calling_score_opt.registry import short_hash
+
+    spec = f"feature spec {short_hash(record.feature_spec_hash)}"
+    if record.feature_spec_hash is None:
+        spec += " (its metadata does not name its inputs)"
+    change = record.feature_spec_change
+    if change is not None:
+        return (
+            f"{spec}: NEW, the active version {change['activeVersion']} has "
+            f"{short_hash(change['from'])}; reason recorded: {change['reason']}; the app's "
+            "feature builder must change with it before it serves traffic"
+        )
+    if active is None:
+        unused = "; --new-feature-spec not recorded" if reason is not None else ""
+        return f"{spec} (no active version to compare with{unused})"
+    unused = " (--new-feature-spec not recorded)" if reason is not None else ""
+    return f"{spec}, the same as the active version {active}{unused}"
+
+
 @registry_app.command()
 @fails_cleanly
 def register(
@@ -104,6 +125,14 @@ def register(
     default_weight: Annotated[
         float, typer.Option(help="Weight of the neural score against the formula score, 0-1.")
     ] = DEFAULT_WEIGHT,
+    new_feature_spec: Annotated[
+        str | None,
+        typer.Option(
+            metavar="REASON",
+            help="Register a model whose inputs (names or order) differ from the active "
+            "version's, and record why.",
+        ),
+    ] = None,
     model_type: ModelType = "calling_score",
     registry: RegistryPath = DEFAULT_REGISTRY,
 ) -> None:
@@ -111,7 +140,8 @@ def register(
 
     Exactly one of --model PATH, --trial N (exported from --study), --variant NAME (from
     --grid-dir) or --ensemble (the best ensemble of --study's trials). Training metrics come
-    from the model's metadata and the results file beside it.
+    from the model's metadata and the results file beside it. A model whose inputs differ from
+    the active version's is refused unless --new-feature-spec says why.
 
     Example: cso registry register --version v1.1 --variant v1_1_lr_0.0005 --data-source synthetic
     """
@@ -134,6 +164,7 @@ def register(
         model_type=model_type,
         default_weight=default_weight,
         description=description,
+        new_feature_spec=new_feature_spec,
     )
     if model is not None:
         record = register_model(registry, registration, model)
@@ -154,8 +185,14 @@ def register(
         f"  file: {escape(record.model_path)} (sha256 {record.sha256[:12]})", highlight=False
     )
     console.print(f"  {_metrics_line(record)}", highlight=False)
+    active = load_registry(registry).of(model_type).active
+    console.print(
+        f"  {escape(_feature_spec_line(record, active, new_feature_spec))}",
+        highlight=False,
+        soft_wrap=True,
+    )
     flag = "" if model_type == "calling_score" else f" --model-type {model_type}"
-    if load_registry(registry).of(model_type).active is None:
+    if active is None:
         nxt = f"cso registry promote {name}{flag} (the first version may be promoted directly)"
     else:
         nxt = f"cso registry ab-start {name} --traffic 0.1{flag}"
@@ -167,7 +204,9 @@ def register(
 def list_versions(
     model_type: ModelType = "calling_score", registry: RegistryPath = DEFAULT_REGISTRY
 ) -> None:
-    """List the versions of a model type: status, traffic, losses, and whether the file is intact.
+    """List the versions of a model type: status, traffic, losses, the feature spec (the first
+    digits of its hash: versions with the same inputs show the same) and whether the file is
+    intact.
 
     Example: cso registry list --model-type calling_score
     """
@@ -189,7 +228,7 @@ def list_versions(
         return
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     numeric = ("traffic", "test loss", "val loss", "gain")
-    for column in ("version", "status", *numeric, "trained", "file"):
+    for column in ("version", "status", *numeric, "trained", "features", "file"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for record in state.versions.values():
         metrics = record.training_metrics
@@ -203,9 +242,19 @@ def list_versions(
             _number(metrics.get("val_loss"), 4),
             f"{gain:+.1f}%" if isinstance(gain, int | float) else "",
             escape((record.trained_date or "")[:10]),
+            _spec_cell(record),
             file_state(record),
         )
-    console.print(table)
+    print_table(table)  # piped: 120 columns, so version names are never cut
+
+
+def _spec_cell(record: ModelVersion) -> str:
+    """The feature spec hash's first 8 hex digits; ``new`` marks a --new-feature-spec version."""
+    spec = record.feature_spec_hash
+    if spec is None:
+        return ""  # unknown, or registered before cso recorded it
+    cell = spec.partition(":")[2][:8] or spec[:8]
+    return escape(f"{cell} new" if record.feature_spec_change else cell)
 
 
 @registry_app.command()

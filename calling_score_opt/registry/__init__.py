@@ -13,6 +13,7 @@ One module per seam, imported in this order (each only uses the ones above it):
 - :mod:`.fileformat`: JSON text <-> validated records;
 - :mod:`.lock`: :func:`update_registry`, the one way the file changes;
 - :mod:`.inspection`: model files: the ONNX contract, metadata, sha256;
+- :mod:`.featurespec`: which inputs a model takes, checked against the active version's;
 - :mod:`.registration`: a checked file becomes a staging version;
 - :mod:`.lifecycle`: A/B test, ramp, stop, promote, roll back, archive;
 - :mod:`.routing`: which user gets which version (docs/routing.md);
@@ -55,6 +56,12 @@ from calling_score_opt.registry.assignment import (
     SharePeriod,
     ab_plan,
     check_assignment,
+)
+from calling_score_opt.registry.featurespec import (
+    FeatureSpec,
+    check_feature_spec,
+    feature_spec,
+    short_hash,
 )
 from calling_score_opt.registry.fileformat import (
     MAX_DEPTH,
@@ -162,6 +169,7 @@ __all__ = [
     "ArmSummary",
     "AssignmentCheck",
     "Band",
+    "FeatureSpec",
     "HistoryEvent",
     "InspectedModel",
     "ModelTypeRegistry",
@@ -185,6 +193,7 @@ __all__ = [
     "check_assignment",
     "check_data_source",
     "check_default_weight",
+    "check_feature_spec",
     "check_min_effect",
     "check_model_type",
     "check_traffic",
@@ -193,6 +202,7 @@ __all__ = [
     "cs_rho",
     "decide",
     "default_salt",
+    "feature_spec",
     "file_sha256",
     "file_state",
     "gets_candidate",
@@ -213,6 +223,7 @@ __all__ = [
     "routing_test_vectors",
     "routing_test_vectors_text",
     "set_ab_traffic",
+    "short_hash",
     "start_ab_test",
     "stop_ab_test",
     "trial_source",

@@ -1,8 +1,10 @@
 """Registering: a checked model file becomes a new staging version, with where it came from.
 
-Three sources share one path: a file (``--model``), a grid variant (``--variant``) and a stored
-trial exported on the spot (``--trial``). Each builds its ``source`` record and calls
-:func:`add_version`, the one place a version is added (the seam for further sources).
+Four sources share one path: a file (``--model``), a grid variant (``--variant``), a stored
+trial exported on the spot (``--trial``) and a study's ensemble built on the spot
+(``--ensemble``). Each builds its ``source`` record and calls :func:`add_version`, the one place
+a version is added (the seam for further sources), which checks under the registry's lock that
+the model takes the active version's inputs (:mod:`.featurespec`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from calling_score_opt.atomic import write_text_atomic
+from calling_score_opt.registry.featurespec import check_feature_spec, feature_spec
 from calling_score_opt.registry.fileformat import load_registry
 from calling_score_opt.registry.inspection import (
     InspectedModel,
@@ -44,19 +47,29 @@ from calling_score_opt.study import passwords_hidden
 
 @dataclass(frozen=True)
 class Registration:
-    """What ``cso registry register`` was asked to record, besides the model file."""
+    """What ``cso registry register`` was asked to record, besides the model file.
+
+    ``new_feature_spec`` is why the model may take other inputs than the active version
+    (``--new-feature-spec REASON``); without it such a model is refused.
+    """
 
     version: str
     data_source: str
     model_type: str = "calling_score"
     default_weight: float = DEFAULT_WEIGHT
     description: str | None = None
+    new_feature_spec: str | None = None
 
     def __post_init__(self) -> None:
         check_version_name(self.version)
         check_data_source(self.data_source)
         check_model_type(self.model_type)
         check_default_weight(self.default_weight)
+        if self.new_feature_spec is not None and not self.new_feature_spec.strip():
+            raise RegistryError(
+                "--new-feature-spec needs a reason, recorded with the version: say why its "
+                'inputs change (e.g. --new-feature-spec "app 2.4 adds weather features")'
+            )
 
 
 def refuse_existing(registry: Registry, registration: Registration) -> None:
@@ -85,7 +98,12 @@ def add_version(
 
     ``source`` says where it came from (it must hold no secret: storage URLs go through
     :func:`calling_score_opt.study.redact_url`). ``staged_dir`` (an export made for this version)
-    is renamed to ``final_dir`` only once the version is known to be new, inside the lock.
+    is renamed to ``final_dir`` only once the version is known to be new and to take the active
+    version's inputs (or ``registration.new_feature_spec`` says why not), inside the lock.
+
+    Raises:
+        RegistryError: the version exists, or the model's feature spec differs from the active
+            version's (or cannot be compared) without a ``new_feature_spec`` reason.
     """
     metadata = inspected.metadata
     for key in ("variant", "study", "data_fingerprint"):
@@ -109,10 +127,18 @@ def add_version(
         source=source,
         parity=dict(inspected.parity),
     )
+    spec = feature_spec(metadata)
+    record.feature_spec_hash = spec.hash
     moved = False
     try:
         with update_registry(registry_path) as registry:
             refuse_existing(registry, registration)
+            record.feature_spec_change = check_feature_spec(
+                registry.of(registration.model_type),
+                spec,
+                model_path.name,
+                registration.new_feature_spec,
+            )
             if staged_dir is not None and final_dir is not None:
                 if final_dir.exists():
                     raise RegistryError(

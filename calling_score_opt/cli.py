@@ -349,7 +349,9 @@ def train(
         "custom", config, dataset.feature_names, result.metrics(), dataset.fingerprint
     )
     try:
-        report = export_onnx(result.model, output_path, split.x_test, metadata)
+        report = export_onnx(
+            result.model, output_path, split.x_test, metadata, x_train=split.x_train
+        )
     except OSError as exc:
         raise CsoError(
             describe_os_error(exc, f"cannot write {output_path}")

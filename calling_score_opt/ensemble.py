@@ -49,9 +49,9 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
+    from calling_score_opt.config import TrainConfig
     from calling_score_opt.export import ExportReport
-    from calling_score_opt.model import CallingScoreModel
-    from calling_score_opt.train import TrainConfig
+    from calling_score_opt.weights import MlpWeights
 
 ENSEMBLE_NAME = "ensemble"
 ONNX_FILENAME = f"calling_score_model_{ENSEMBLE_NAME}.onnx"
@@ -116,7 +116,7 @@ class Candidate:
 
     trial: FrozenTrial
     name: str
-    model: CallingScoreModel
+    model: MlpWeights
     config: TrainConfig
     val: F64
     test: F64
@@ -192,8 +192,8 @@ def build_ensemble(
         ExportError: the ONNX file breaks the contract or fails the parity check.
     """
     from calling_score_opt import __version__
-    from calling_score_opt.export import METRIC_KEYS, export_onnx
-    from calling_score_opt.model import EnsembleModel, count_parameters
+    from calling_score_opt.export import METRIC_KEYS, export_onnx, feature_spec_hash
+    from calling_score_opt.weights import EnsembleWeights
 
     if max_members < 1 or rounds < 1:
         raise ConfigError(
@@ -214,7 +214,7 @@ def build_ensemble(
     order = sorted(np.flatnonzero(weights), key=lambda i: (-weights[i], i))
     members = [candidates[i] for i in order]
     member_weights = [float(weights[i]) for i in order]
-    model = EnsembleModel([m.model for m in members], member_weights)
+    model = EnsembleWeights(tuple(m.model for m in members), tuple(member_weights))
     val_scores = _weighted(member_weights, [m.val for m in members])
     test_scores = _weighted(member_weights, [m.test for m in members])
     train_scores = _weighted(
@@ -243,7 +243,7 @@ def build_ensemble(
         "val_loss": _mse(val_scores, y_val),
         "test_loss": _mse(test_scores, y_test),
         "train_loss": _mse(train_scores, data.split.y_train),
-        "parameters": count_parameters(model),
+        "parameters": model.parameters,
     }
     onnx_path = output_dir / ONNX_FILENAME
     metadata = {
@@ -258,13 +258,14 @@ def build_ensemble(
         },
         "hyperparameters": {f"trial_{m.trial.number}": dict(m.trial.params) for m in members},
         "feature_names": list(data.dataset.feature_names),
+        "feature_spec_hash": feature_spec_hash(data.dataset.feature_names),
         "input": "raw features [N, F] float32 in feature_names order; each member's scaling "
         "is in the graph",
         "metrics": {key: metrics.get(key) for key in METRIC_KEYS},
         "data_fingerprint": data.dataset.fingerprint,
         "study": study.study_name,
     }
-    report = export_onnx(model, onnx_path, data.split.x_test, metadata)
+    report = export_onnx(model, onnx_path, data.split.x_test, metadata, x_train=data.split.x_train)
 
     record: dict[str, Any] = {
         "schema": SCHEMA,

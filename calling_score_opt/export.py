@@ -1,8 +1,12 @@
 """ONNX export that honours the app's contract (docs/contract.md), checked before the file appears.
 
-A file is written under a temporary name, checked (``onnx.checker``, the contract's names, types
-and shapes, onnxruntime parity against PyTorch) and only then renamed into place, so a reader
-never sees a model that has not passed.
+A file is written under a temporary name, checked (the contract's names, types and shapes, then
+onnxruntime's scores against the NumPy forward pass of the same weights) and only then renamed
+into place, so a reader never sees a model that has not passed.
+
+Nothing here imports PyTorch or the ``onnx`` package: the graph is written from the weights'
+NumPy arrays (weights.py) with onnx_proto.py, so exporting a stored trial takes a fraction of a
+second. The tests hold every graph to ``onnx.checker`` and to PyTorch's scores.
 """
 
 from __future__ import annotations
@@ -16,18 +20,27 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from calling_score_opt import onnx_proto
 from calling_score_opt.atomic import atomic_path
 from calling_score_opt.data import Array
 from calling_score_opt.errors import ExportError
-from calling_score_opt.model import N_VIBE_DIMENSIONS, CallingScoreModel, EnsembleModel
+from calling_score_opt.weights import (
+    N_VIBE_DIMENSIONS,
+    EnsembleWeights,
+    MlpWeights,
+    Weights,
+    never_learned_columns,
+)
 
 if TYPE_CHECKING:
-    from calling_score_opt.train import TrainConfig
+    from calling_score_opt.config import TrainConfig
+    from calling_score_opt.model import CallingScoreModel, EnsembleModel
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 PARITY_TOLERANCE = 1e-5
-_FLOAT = 1  # onnx.TensorProto.FLOAT
+#: The metadata key listing the inputs whose first-layer weights export zeroed.
+NEVER_LEARNED_KEY = "never_learned_inputs"
 
 
 @dataclass(frozen=True)
@@ -92,40 +105,43 @@ def contract_problems(model_path: Path, n_features: int | None = None) -> list[s
 
     ``n_features`` defaults to whatever the file declares (39 for the app's model).
     """
-    import onnx
-
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # onnx raises several unrelated types for unreadable files
+        summary = onnx_proto.read_summary(model_path.read_bytes())
+    except (OSError, onnx_proto.OnnxFormatError) as exc:
         return [f"not a readable ONNX model ({exc})"]
     problems: list[str] = []
-    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
+    if summary.external_initializers:
         problems.append("weights are stored in an external file; the app ships one file only")
-    inputs, outputs = list(proto.graph.input), list(proto.graph.output)
+    inputs, outputs = summary.inputs, summary.outputs
     if [i.name for i in inputs] != [INPUT_NAME]:
         problems.append(f"inputs are {[i.name for i in inputs]}, expected ['{INPUT_NAME}']")
     if [o.name for o in outputs] != [OUTPUT_NAME]:
         problems.append(f"outputs are {[o.name for o in outputs]}, expected ['{OUTPUT_NAME}']")
     if inputs:
-        tensor = inputs[0].type.tensor_type
-        dims = list(tensor.shape.dim)
-        if tensor.elem_type != _FLOAT:
+        dims = inputs[0].dims or ()
+        if inputs[0].elem_type != onnx_proto.FLOAT:
             problems.append("input is not float32")
-        if len(dims) != 2 or not dims[0].dim_param:
+        if len(dims) != 2 or not isinstance(dims[0], str):
             problems.append("input must be [N, features] with a dynamic batch dimension N")
-        elif n_features is not None and dims[1].dim_value != n_features:
-            problems.append(f"input has {dims[1].dim_value} features, expected {n_features}")
+        elif n_features is not None and dims[1] != n_features:
+            problems.append(f"input has {dims[1]} features, expected {n_features}")
     if outputs:
-        tensor = outputs[0].type.tensor_type
-        dims = list(tensor.shape.dim)
-        if tensor.elem_type != _FLOAT:
+        dims = outputs[0].dims or ()
+        if outputs[0].elem_type != onnx_proto.FLOAT:
             problems.append("output is not float32")
-        if len(dims) != 1 or not dims[0].dim_param:
+        if len(dims) != 1 or not isinstance(dims[0], str):
             problems.append(
                 f"output must be [N] (a flat list of scores), got rank {len(dims)}; "
                 "[N, 1] makes the app fall back to 0.5"
             )
     return problems
+
+
+def input_width(model_path: Path) -> int | None:
+    """The number of features the ONNX file's input declares (None: it declares none)."""
+    summary = onnx_proto.read_summary(model_path.read_bytes())
+    dims = summary.inputs[0].dims if summary.inputs else None
+    return dims[1] if dims and len(dims) == 2 and isinstance(dims[1], int) else None
 
 
 def _ort_session(model_path: Path) -> Any:
@@ -148,31 +164,29 @@ OPSET = 17  # what onnxruntime releases of the last years, mobile ones included,
 IR_VERSION = 8  # the IR version that goes with opset 17
 
 
-def _mlp_graph(model: CallingScoreModel, prefix: str, score: str) -> tuple[list[Any], list[Any]]:
+def _mlp_graph(
+    weights: MlpWeights, prefix: str, score: str
+) -> tuple[list[onnx_proto.Node], list[bytes]]:
     """Nodes and initializers that turn ``input`` into ``score`` ([N]) for one MLP.
 
     Every name the MLP introduces starts with ``prefix``, so several MLPs fit in one graph.
     """
-    from onnx import helper, numpy_helper
-    from torch import nn
-
-    def tensor(name: str, value: Any) -> Any:
-        return numpy_helper.from_array(np.ascontiguousarray(value), prefix + name)
-
-    def node(op: str, inputs: list[str], output: str, **attrs: Any) -> Any:
-        return helper.make_node(op, inputs, [output], name=output, **attrs)
+    Node = onnx_proto.Node
 
     def p(name: str) -> str:
         return prefix + name
 
+    def tensor(name: str, value: Any) -> bytes:
+        return onnx_proto.tensor(p(name), value)
+
     initializers = [
-        tensor("feature_mean", model.feature_mean.detach().cpu().numpy()),
-        tensor("feature_std", model.feature_std.detach().cpu().numpy()),
+        tensor("feature_mean", weights.feature_mean),
+        tensor("feature_std", weights.feature_std),
         tensor("squeeze_axes", np.array([1], dtype=np.int64)),
     ]
-    nodes = []
+    nodes: list[onnx_proto.Node] = []
     features = INPUT_NAME
-    if model.pair_features:  # |user - spot| per vibe dimension, appended to the raw input
+    if weights.pair_features:  # |user - spot| per vibe dimension, appended to the raw input
         n = N_VIBE_DIMENSIONS
         initializers += [
             tensor(name, np.array([value], dtype=np.int64))
@@ -184,152 +198,157 @@ def _mlp_graph(model: CallingScoreModel, prefix: str, score: str) -> tuple[list[
             )
         ]
         nodes += [
-            node(
+            Node(
                 "Slice",
                 [INPUT_NAME, p("user_start"), p("spot_start"), p("feature_axis")],
                 p("user_vibes"),
             ),
-            node(
+            Node(
                 "Slice",
                 [INPUT_NAME, p("spot_start"), p("spot_end"), p("feature_axis")],
                 p("spot_vibes"),
             ),
-            node("Sub", [p("user_vibes"), p("spot_vibes")], p("vibe_diff")),
-            node("Abs", [p("vibe_diff")], p("vibe_pairs")),
-            node("Concat", [INPUT_NAME, p("vibe_pairs")], p("features"), axis=1),
+            Node("Sub", [p("user_vibes"), p("spot_vibes")], p("vibe_diff")),
+            Node("Abs", [p("vibe_diff")], p("vibe_pairs")),
+            Node("Concat", [INPUT_NAME, p("vibe_pairs")], p("features"), {"axis": 1}),
         ]
         features = p("features")
     nodes += [
-        helper.make_node("Sub", [features, p("feature_mean")], [p("centred")], name=p("scale_sub")),
-        helper.make_node(
-            "Div", [p("centred"), p("feature_std")], [p("scaled")], name=p("scale_div")
-        ),
+        Node("Sub", [features, p("feature_mean")], p("centred")),
+        Node("Div", [p("centred"), p("feature_std")], p("scaled")),
     ]
-    current, layer = p("scaled"), 0
-    for module in model.network:
-        if isinstance(module, nn.Linear):
-            weight, bias = f"linear{layer}.weight", f"linear{layer}.bias"
-            initializers += [
-                tensor(weight, module.weight.detach().cpu().numpy()),
-                tensor(bias, module.bias.detach().cpu().numpy()),
-            ]
-            out = p(f"linear{layer}")
-            nodes.append(node("Gemm", [current, p(weight), p(bias)], out, transB=1))
-            current, layer = out, layer + 1
-        elif isinstance(module, nn.ReLU | nn.Sigmoid):
-            op = "Relu" if isinstance(module, nn.ReLU) else "Sigmoid"
-            out = p(f"{op.lower()}{layer}")
-            nodes.append(node(op, [current], out))
-            current = out
-        elif not isinstance(module, nn.Dropout):  # dropout is the identity at inference
-            raise ExportError(f"cannot export layer {type(module).__name__}: not part of the MLP")
-    nodes.append(
-        helper.make_node("Squeeze", [current, p("squeeze_axes")], [score], name=p("to_flat"))
-    )
+    current = p("scaled")
+    for layer, (weight, bias) in enumerate(weights.layers):
+        initializers += [
+            tensor(f"linear{layer}.weight", weight),
+            tensor(f"linear{layer}.bias", bias),
+        ]
+        out = p(f"linear{layer}")
+        gemm_inputs = [current, p(f"linear{layer}.weight"), p(f"linear{layer}.bias")]
+        nodes.append(Node("Gemm", gemm_inputs, out, {"transB": 1}))
+        last = layer == len(weights.layers) - 1
+        op = "Sigmoid" if last else "Relu"  # dropout is the identity at inference
+        activated = p(f"{op.lower()}{layer + 1}")
+        nodes.append(Node(op, [out], activated))
+        current = activated
+    nodes.append(Node("Squeeze", [current, p("squeeze_axes")], score))
     return nodes, initializers
 
 
-def build_onnx(model: CallingScoreModel | EnsembleModel, metadata: Mapping[str, Any]) -> Any:
-    """The ONNX graph of ``model``: Sub, Div, (Gemm, Relu)*, Gemm, Sigmoid, Squeeze.
+def as_weights(model: Weights | CallingScoreModel | EnsembleModel) -> Weights:
+    """NumPy weights of ``model`` (a PyTorch model is converted; that needs PyTorch loaded)."""
+    if isinstance(model, MlpWeights | EnsembleWeights):
+        return model
+    from calling_score_opt.model import weights_of
 
-    Written from the weights with ``onnx.helper`` instead of tracing with ``torch.onnx``: the
-    architecture is fixed and tiny, tracing it costs about a second per model (more than
-    training some variants), and the result here is the same graph, byte for byte the same
-    every time, with nothing in it but the scaling, the layers and the sigmoid. The parity check
-    in :func:`export_onnx` holds it to PyTorch's numbers.
+    return weights_of(model)
+
+
+def onnx_bytes(
+    model: Weights | CallingScoreModel | EnsembleModel, metadata: Mapping[str, Any]
+) -> bytes:
+    """The serialized ONNX model: Sub, Div, (Gemm, Relu)*, Gemm, Sigmoid, Squeeze.
+
+    Written from the weights instead of tracing with ``torch.onnx``: the architecture is fixed
+    and tiny, tracing costs about a second per model (more than training some variants), and
+    the result here is the same graph, byte for byte the same every time, with nothing in it
+    but the scaling, the layers and the sigmoid. :func:`export_onnx` checks it in onnxruntime.
 
     An ensemble is each member's graph (names prefixed ``m0_``, ``m1_``, ...), every score
     multiplied by its weight (Mul) and the products added (Sum): still one input, one [N]
-    output, one file.
+    output, one file. Metadata values that are not strings are stored as JSON.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    if isinstance(model, EnsembleModel):
-        nodes, initializers, weighted = [], [], []
-        for index, (weight, member) in enumerate(zip(model.weights, model.members, strict=True)):
+    weights = as_weights(model)
+    if isinstance(weights, EnsembleWeights):
+        nodes: list[onnx_proto.Node] = []
+        initializers: list[bytes] = []
+        weighted = []
+        for index, (share, member) in enumerate(zip(weights.weights, weights.members, strict=True)):
             prefix = f"m{index}_"
-            member_nodes, member_inits = _mlp_graph(member, prefix, f"{prefix}score")  # type: ignore[arg-type]
+            member_nodes, member_inits = _mlp_graph(member, prefix, f"{prefix}score")
             nodes += member_nodes
             initializers += [
                 *member_inits,
-                numpy_helper.from_array(np.array(weight, dtype=np.float32), f"{prefix}weight"),
+                onnx_proto.tensor(f"{prefix}weight", np.array(share, dtype=np.float32)),
             ]
             nodes.append(
-                helper.make_node(
-                    "Mul",
-                    [f"{prefix}score", f"{prefix}weight"],
-                    [f"{prefix}weighted"],
-                    name=f"{prefix}weighted",
-                )
+                onnx_proto.Node("Mul", [f"{prefix}score", f"{prefix}weight"], f"{prefix}weighted")
             )
             weighted.append(f"{prefix}weighted")
-        nodes.append(helper.make_node("Sum", weighted, [OUTPUT_NAME], name="ensemble_sum"))
+        nodes.append(onnx_proto.Node("Sum", weighted, OUTPUT_NAME))
         graph_name = "calling_score_ensemble"
     else:
-        nodes, initializers = _mlp_graph(model, "", OUTPUT_NAME)
+        nodes, initializers = _mlp_graph(weights, "", OUTPUT_NAME)
         graph_name = "calling_score_mlp"
-    graph = helper.make_graph(
-        nodes,
-        graph_name,
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", model.n_inputs])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N"])],
-        initializers,
-    )
-    proto = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="cso",
+    return onnx_proto.model_bytes(
+        graph_name=graph_name,
+        nodes=nodes,
+        initializers=initializers,
+        inputs=[onnx_proto.value_info(INPUT_NAME, onnx_proto.FLOAT, ["N", weights.n_inputs])],
+        outputs=[onnx_proto.value_info(OUTPUT_NAME, onnx_proto.FLOAT, ["N"])],
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()},
         ir_version=IR_VERSION,
+        opset=OPSET,
+        producer="cso",
     )
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
-    onnx.checker.check_model(proto)
-    return proto
+
+
+def without_unlearned_inputs(weights: Weights, x_train: Array) -> tuple[Weights, list[int]]:
+    """``weights`` with the first-layer weights of inputs constant in ``x_train`` zeroed, and
+    those raw input columns (see :meth:`weights.MlpWeights.ignoring` for why)."""
+    raw = list(never_learned_columns(x_train))
+    if isinstance(weights, EnsembleWeights):
+        members = tuple(
+            m.ignoring(never_learned_columns(x_train, m.pair_features)) for m in weights.members
+        )
+        return EnsembleWeights(members, weights.weights), raw
+    return weights.ignoring(never_learned_columns(x_train, weights.pair_features)), raw
 
 
 def export_onnx(
-    model: CallingScoreModel | EnsembleModel,
+    model: Weights | CallingScoreModel | EnsembleModel,
     path: Path,
     x_check: Array,
     metadata: Mapping[str, Any],
+    *,
+    x_train: Array,
 ) -> ExportReport:
     """Write ``model`` as one self-contained ONNX file at ``path``, verified before it appears.
 
-    ``x_check`` (raw features, e.g. the whole test split) is scored by PyTorch and onnxruntime;
-    the export fails when they differ by more than ``PARITY_TOLERANCE``. ``metadata`` values
-    are stored as ONNX metadata (non-strings as JSON).
+    Inputs the training split ``x_train`` holds constant get zero first-layer weights, and the
+    metadata lists them (``never_learned_inputs``, by name when ``metadata`` has
+    ``feature_names``). ``x_check`` (raw features, e.g. the whole test split) is scored by the
+    NumPy forward pass and by onnxruntime; the export fails when they differ by more than
+    ``PARITY_TOLERANCE``. ``metadata`` values are stored as ONNX metadata (non-strings as JSON).
 
     Raises:
-        ExportError: the graph cannot be built, breaks the contract, or parity fails.
+        ExportError: the graph breaks the contract, onnxruntime cannot run it, or parity fails.
     """
-    import onnx
-    import torch
-
-    model = model.cpu().eval()
-    n_features = model.n_inputs
+    weights, unlearned = without_unlearned_inputs(as_weights(model), x_train)
+    names = metadata.get("feature_names")
+    metadata = {
+        **metadata,
+        NEVER_LEARNED_KEY: [
+            names[i] if isinstance(names, list) and i < len(names) else f"input {i}"
+            for i in unlearned
+        ],
+    }
     with atomic_path(path) as tmp:
         try:
-            proto = build_onnx(model, metadata)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{path}: onnx.checker rejected the model: {exc}") from exc
-        onnx.save_model(proto, str(tmp), save_as_external_data=False)
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{path}: onnx.checker rejected the model: {exc}") from exc
-        problems = contract_problems(tmp, n_features)
+            tmp.write_bytes(onnx_bytes(weights, metadata))
+        except ValueError as exc:
+            raise ExportError(f"{path}: the model cannot be written as ONNX: {exc}") from exc
+        problems = contract_problems(tmp, weights.n_inputs)
         if problems:
             raise ExportError(f"{path}: breaks the app's ONNX contract: {'; '.join(problems)}")
-
         x = np.ascontiguousarray(x_check, np.float32)
-        with torch.no_grad():
-            expected = model(torch.from_numpy(x)).numpy()
-        session = _ort_session(tmp)
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-        single = session.run([OUTPUT_NAME], {INPUT_NAME: x[:1]})[0]
+        expected = weights.predict(x)
+        try:
+            session = _ort_session(tmp)
+            got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            single = session.run([OUTPUT_NAME], {INPUT_NAME: x[:1]})[0]
+        except Exception as exc:  # onnxruntime raises its own unrelated types
+            raise ExportError(f"{path}: onnxruntime cannot run the model: {exc}") from exc
         if got.shape != expected.shape or single.shape != (1,):
             raise ExportError(
                 f"{path}: onnxruntime returned shape {got.shape} for {len(x)} records and "
@@ -338,7 +357,7 @@ def export_onnx(
         diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if len(got) else 0.0
         if not diff <= PARITY_TOLERANCE:
             raise ExportError(
-                f"{path}: onnxruntime differs from PyTorch by {diff:.3g} "
+                f"{path}: onnxruntime differs from the NumPy forward pass by {diff:.3g} "
                 f"(tolerance {PARITY_TOLERANCE:g}) on {len(x)} records; not written"
             )
         size = tmp.stat().st_size
@@ -348,8 +367,12 @@ def export_onnx(
 
 
 def read_metadata(model_path: Path) -> dict[str, str]:
-    """The metadata stored in an ONNX file (what cso wrote: variant, hyperparameters, ...)."""
-    import onnx
+    """The metadata stored in an ONNX file (what cso wrote: variant, hyperparameters, ...).
 
-    proto = onnx.load(str(model_path), load_external_data=False)
-    return {entry.key: entry.value for entry in proto.metadata_props}
+    Raises:
+        ExportError: the file cannot be read or is no ONNX model.
+    """
+    try:
+        return onnx_proto.read_summary(model_path.read_bytes()).metadata
+    except (OSError, onnx_proto.OnnxFormatError) as exc:
+        raise ExportError(f"{model_path}: not a readable ONNX model ({exc})") from exc

@@ -208,17 +208,14 @@ def _train_group(variants: list[Variant], repeat: int, seed: int, epochs: int) -
 def _export_run(
     variant: str, checkpoint: bytes, path: Path, metadata: dict[str, Any]
 ) -> ExportOutcome:
-    import torch
-
     from calling_score_opt.export import export_onnx
-    from calling_score_opt.train import load_checkpoint
+    from calling_score_opt.weights import read_checkpoint_bytes
 
     split: Split = _worker["split"]
     try:
-        model, _, _ = load_checkpoint(checkpoint)
-        report = export_onnx(model, path, split.x_test, metadata)
-        with torch.no_grad():
-            predictions = model(torch.from_numpy(split.x_test)).numpy()
+        weights = read_checkpoint_bytes(checkpoint).weights
+        report = export_onnx(weights, path, split.x_test, metadata, x_train=split.x_train)
+        predictions = weights.predict(split.x_test)
     except CsoError as exc:
         return ExportOutcome(variant, None, error=str(exc))
     except Exception as exc:  # the exporter can fail in ways of its own

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from calling_score_opt.data import FEATURE_NAMES, Array, Scaling
-
-#: pair_features: |user - spot| for each of the 12 vibe dimensions (columns 0-11 vs 12-23), the
-#: differences the app's own formula scores compatibility from.
-N_VIBE_DIMENSIONS = 12
+from calling_score_opt.weights import N_VIBE_DIMENSIONS as N_VIBE_DIMENSIONS  # re-exported
+from calling_score_opt.weights import EnsembleWeights, MlpWeights
+from calling_score_opt.weights import add_pair_features as add_pair_features  # re-exported
 
 
 def check_pair_features(feature_names: Sequence[str]) -> None:
@@ -24,13 +23,6 @@ def check_pair_features(feature_names: Sequence[str]) -> None:
             "pair_features needs the app's 39 features (user and spot vibe dimensions); "
             "this data has other columns"
         )
-
-
-def add_pair_features(x: Array) -> Array:
-    """Raw features with |user - spot| per vibe dimension appended (what the model computes)."""
-    n = N_VIBE_DIMENSIONS
-    pairs = np.abs(x[:, :n] - x[:, n : 2 * n])
-    return np.concatenate([x, pairs], axis=1).astype(np.float32)
 
 
 def build_network(n_features: int, hidden_sizes: Sequence[int], dropout: float) -> nn.Sequential:
@@ -116,3 +108,29 @@ class EnsembleModel(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Trainable weights and biases (13,441 for 39 inputs and hidden sizes [128, 64])."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def weights_of(model: CallingScoreModel | EnsembleModel) -> MlpWeights | EnsembleWeights:
+    """The trained weights as NumPy arrays (what checkpoints store and export writes)."""
+    if isinstance(model, EnsembleModel):
+        members = tuple(weights_of(m) for m in model.members)  # type: ignore[arg-type]
+        return EnsembleWeights(members, model.weights)  # type: ignore[arg-type]
+
+    def numpy(tensor: torch.Tensor) -> Array:
+        out: Array = tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        return out
+
+    from calling_score_opt.errors import ExportError
+
+    layers = []
+    for module in model.network:  # Linear -> ReLU -> Dropout ..., Linear -> Sigmoid
+        if isinstance(module, nn.Linear):
+            layers.append((numpy(module.weight), numpy(module.bias)))
+        elif not isinstance(module, nn.ReLU | nn.Dropout | nn.Sigmoid):
+            raise ExportError(f"cannot export layer {type(module).__name__}: not part of the MLP")
+    kinds = [type(m) for m in model.network if not isinstance(m, nn.Dropout)]
+    if kinds != [nn.Linear, nn.ReLU] * (len(layers) - 1) + [nn.Linear, nn.Sigmoid]:
+        raise ExportError("cannot export the network: it is not Linear/ReLU blocks and a sigmoid")
+    return MlpWeights(
+        numpy(model.feature_mean), numpy(model.feature_std), tuple(layers), model.pair_features
+    )

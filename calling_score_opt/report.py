@@ -489,11 +489,9 @@ def load_variant_errors(
     Never raises for missing pieces: a missing data file, other data, or missing weights give
     a ``note`` (and no errors for the variants concerned), so the report is still written.
     """
-    import torch
-
     from calling_score_opt.data import load_dataset, split_dataset
     from calling_score_opt.study import read_checkpoint
-    from calling_score_opt.train import load_checkpoint
+    from calling_score_opt.weights import read_checkpoint_bytes
 
     attrs = study.user_attrs
     seed = int(attrs.get("split_seed", 0))
@@ -515,19 +513,17 @@ def load_variant_errors(
             seed=seed, note=f"the stored weights' folder {artifact_dir} is missing"
         )
     y = split.y_test.astype(np.float64).reshape(-1)
-    x = torch.from_numpy(split.x_test)
     errors: dict[str, F64] = {}
     missing: list[str] = []
     for name, runs in _grid_runs(study).items():
         try:
-            model, _, _ = load_checkpoint(
+            weights = read_checkpoint_bytes(
                 read_checkpoint(store, storage_of(study), _exported_run(runs))
-            )
+            ).weights
         except CsoError:
             missing.append(name)
             continue
-        with torch.no_grad():
-            predicted = model(x).numpy().astype(np.float64).reshape(-1)
+        predicted = weights.predict(split.x_test).astype(np.float64)
         errors[name] = (predicted - y) ** 2
     note = f"no stored weights for {', '.join(missing)}" if missing else None
     return VariantErrors(errors=errors, seed=seed, note=note)

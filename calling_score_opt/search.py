@@ -157,12 +157,12 @@ def _measure_latency_ms(model: Any, runs: int = 200) -> float:
     import numpy as np
     import onnxruntime as ort
 
-    from calling_score_opt.export import INPUT_NAME, OUTPUT_NAME, build_onnx
+    from calling_score_opt.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(
-        build_onnx(model, {}).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        onnx_bytes(model, {}), options, providers=["CPUExecutionProvider"]
     )
     x = np.full((1, model.n_inputs), 0.5, dtype=np.float32)
     for _ in range(20):

@@ -11,13 +11,14 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from calling_score_opt.config import TrainConfig as TrainConfig  # re-exported
 from calling_score_opt.data import Array, Scaling, Split
 from calling_score_opt.errors import ConfigError, TrainingError
 from calling_score_opt.model import (
@@ -26,53 +27,7 @@ from calling_score_opt.model import (
     build_network,
     count_parameters,
 )
-
-PATIENCE = 10
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run's result (the seed included)."""
-
-    learning_rate: float = 0.001
-    batch_size: int = 32
-    hidden_sizes: tuple[int, ...] = (128, 64)
-    dropout: float = 0.2
-    epochs: int = 100
-    patience: int = PATIENCE
-    seed: int = 0
-    pair_features: bool = False  # append |user - spot| per vibe dimension inside the model
-
-    def __post_init__(self) -> None:
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"learning rate must be > 0, got {self.learning_rate}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.hidden_sizes or min(self.hidden_sizes) < 1:
-            raise ConfigError(f"hidden sizes must be positive widths, got {self.hidden_sizes}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.epochs < 1 or self.patience < 1:
-            raise ConfigError(
-                f"epochs and patience must be >= 1, got {self.epochs}, {self.patience}"
-            )
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The searchable settings, as JSON-friendly values."""
-        values: dict[str, Any] = {
-            "learning_rate": self.learning_rate,
-            "batch_size": self.batch_size,
-            "hidden_sizes": list(self.hidden_sizes),
-            "dropout": self.dropout,
-        }
-        if self.pair_features:
-            values["pair_features"] = True
-        return values
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["hidden_sizes"] = list(self.hidden_sizes)
-        return values
+from calling_score_opt.weights import MlpWeights
 
 
 @dataclass(frozen=True)
@@ -278,43 +233,34 @@ def prediction_errors(
     return (result.predict(x).astype(np.float64) - y.astype(np.float64)) ** 2
 
 
-CHECKPOINT_FORMAT = "cso-checkpoint/1"
-
-
 def checkpoint_bytes(result: TrainResult, feature_names: tuple[str, ...]) -> bytes:
-    """The trained model as a file that carries its configuration and scaling (torch.save)."""
-    import io
+    """The trained model as a file that carries its configuration and scaling (weights.py)."""
+    from calling_score_opt.model import weights_of
+    from calling_score_opt.weights import checkpoint_bytes as weights_checkpoint
 
-    model = result.model
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": result.config.to_dict(),
-        "feature_names": list(feature_names),
-        "feature_mean": model.feature_mean.clone(),
-        "feature_std": model.feature_std.clone(),
-        "network": {k: v.clone() for k, v in model.network.state_dict().items()},
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+    weights = weights_of(result.model)
+    assert isinstance(weights, MlpWeights)
+    return weights_checkpoint(weights, result.config, feature_names)
+
+
+def model_of(weights: MlpWeights, config: TrainConfig) -> CallingScoreModel:
+    """A PyTorch model (eval mode) holding stored weights, for code that trains or compares."""
+    network = build_network(int(weights.feature_mean.shape[0]), config.hidden_sizes, config.dropout)
+    linears = [m for m in network if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear, (weight, bias) in zip(linears, weights.layers, strict=True):
+            linear.weight.copy_(torch.from_numpy(weight))
+            linear.bias.copy_(torch.from_numpy(bias))
+    scaling = Scaling(mean=weights.feature_mean, std=weights.feature_std)
+    return CallingScoreModel(network, scaling, config.pair_features).eval()
 
 
 def load_checkpoint(data: bytes) -> tuple[CallingScoreModel, TrainConfig, tuple[str, ...]]:
-    """Rebuild the model (eval mode), its configuration and feature names from a checkpoint."""
-    import io
+    """Rebuild the PyTorch model (eval mode), its configuration and feature names.
 
-    try:
-        payload = torch.load(io.BytesIO(data), weights_only=True)
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"format {payload.get('format')!r}")
-        values = dict(payload["config"])
-        values["hidden_sizes"] = tuple(values["hidden_sizes"])
-        config = TrainConfig(**values)
-        mean, std = payload["feature_mean"], payload["feature_std"]
-        network = build_network(int(mean.shape[0]), config.hidden_sizes, config.dropout)
-        network.load_state_dict(payload["network"])
-    except Exception as exc:  # a damaged or foreign file can fail in many ways
-        raise TrainingError(f"stored weights cannot be read ({exc}); retrain the trial") from exc
-    scaling = Scaling(mean=mean.numpy(), std=std.numpy())
-    model = CallingScoreModel(network, scaling, config.pair_features).eval()
-    return model, config, tuple(payload["feature_names"])
+    Commands that only score or export use :func:`weights.read_checkpoint_bytes` instead.
+    """
+    from calling_score_opt.weights import read_checkpoint_bytes
+
+    stored = read_checkpoint_bytes(data)
+    return model_of(stored.weights, stored.config), stored.config, stored.feature_names

@@ -47,8 +47,8 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
-    from calling_score_opt.model import CallingScoreModel, EnsembleModel
-    from calling_score_opt.train import TrainConfig
+    from calling_score_opt.config import TrainConfig
+    from calling_score_opt.weights import MlpWeights, Weights
 
 
 def load_study(storage_url: str, study_name: str) -> optuna.Study:
@@ -315,21 +315,17 @@ def study_data(
 
 def trial_model(
     store: FileSystemArtifactStore, study: optuna.Study, trial: FrozenTrial
-) -> tuple[CallingScoreModel, TrainConfig]:
-    """The stored model of a complete trial (eval mode) and its configuration."""
-    from calling_score_opt.train import load_checkpoint
+) -> tuple[MlpWeights, TrainConfig]:
+    """The stored weights of a complete trial and its configuration (no PyTorch needed)."""
+    from calling_score_opt.weights import read_checkpoint_bytes
 
-    model, config, _ = load_checkpoint(read_checkpoint(store, storage_of(study), trial))
-    return model, config
+    stored = read_checkpoint_bytes(read_checkpoint(store, storage_of(study), trial))
+    return stored.weights, stored.config
 
 
-def predict(model: CallingScoreModel | EnsembleModel, x: Array) -> F64:
+def predict(model: Weights, x: Array) -> F64:
     """Scores of raw features ``x`` as float64 (for losses and paired comparisons)."""
-    import torch
-
-    with torch.no_grad():
-        out = model(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-    scores: F64 = out.astype(np.float64)
+    scores: F64 = model.predict(x).astype(np.float64)
     return scores
 
 
@@ -437,7 +433,7 @@ def export_trials(
             study=study.study_name,
             trial_number=trial.number,
         )
-        report = export_onnx(model, onnx_path, split.x_test, metadata)
+        report = export_onnx(model, onnx_path, split.x_test, metadata, x_train=split.x_train)
         a = trial.user_attrs
         entries.append(
             {

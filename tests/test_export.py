@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from calling_score_opt import export
 from calling_score_opt.data import Scaling, Split
 from calling_score_opt.errors import ExportError
 from calling_score_opt.export import (
@@ -26,6 +27,7 @@ from calling_score_opt.export import (
 )
 from calling_score_opt.model import CallingScoreModel
 from calling_score_opt.train import TrainConfig, TrainResult, train_model
+from calling_score_opt.weights import MlpWeights
 
 METADATA = {
     "variant": "unit_test",
@@ -41,7 +43,13 @@ def exported(
     trained: TrainResult, tiny_split: Split, tmp_path_factory: pytest.TempPathFactory
 ) -> ExportReport:
     folder = tmp_path_factory.mktemp("onnx")
-    return export_onnx(trained.model, folder / "model.onnx", tiny_split.x_test, METADATA)
+    return export_onnx(
+        trained.model,
+        folder / "model.onnx",
+        tiny_split.x_test,
+        METADATA,
+        x_train=tiny_split.x_train,
+    )
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -154,7 +162,9 @@ def test_model_trained_on_offset_features_predicts_right_from_raw_input(
         x_test=offset(tiny_split.x_test),
     )
     result = train_model(shifted, TrainConfig(epochs=5, seed=0))
-    report = export_onnx(result.model, tmp_path / "offset.onnx", shifted.x_test, {})
+    report = export_onnx(
+        result.model, tmp_path / "offset.onnx", shifted.x_test, {}, x_train=shifted.x_train
+    )
     scores = onnx_predict(report.path, shifted.x_test)
     # standardisation makes the offset irrelevant: same scores as the model on plain features
     np.testing.assert_allclose(scores, trained.predict(tiny_split.x_test), atol=1e-4)
@@ -268,21 +278,20 @@ def test_unreadable_file_is_a_problem_not_a_crash(tmp_path: Path) -> None:
 # --- a failed export writes nothing --------------------------------------------------------
 
 
-class _Drifting(CallingScoreModel):
-    """PyTorch says one thing, the exported layers another: parity must catch it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + 1e-3
-
-
 def test_parity_failure_writes_nothing(
-    trained: TrainResult, tiny_split: Split, tmp_path: Path
+    trained: TrainResult, tiny_split: Split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = trained.model
-    drifting = _Drifting(source.network, _scaling_of(source))
+    """The graph written says one thing, the weights another: parity must catch it."""
+    write = export.onnx_bytes
+
+    def drifting(weights: MlpWeights, metadata: dict[str, object]) -> bytes:
+        (w0, b0), *rest = weights.layers
+        return write(replace(weights, layers=((w0, b0 + 1e-2), *rest)), metadata)
+
+    monkeypatch.setattr(export, "onnx_bytes", drifting)
     target = tmp_path / "out" / "model.onnx"
-    with pytest.raises(ExportError, match=r"differs from PyTorch by .*not written"):
-        export_onnx(drifting, target, tiny_split.x_test, {})
+    with pytest.raises(ExportError, match=r"differs from the NumPy forward pass by .*not written"):
+        export_onnx(trained.model, target, tiny_split.x_test, {}, x_train=tiny_split.x_train)
     assert not target.exists()
     assert list((tmp_path / "out").iterdir()) == []  # no temporary file left behind
 
@@ -295,7 +304,7 @@ def test_unsupported_layer_writes_nothing_and_keeps_the_old_file(
     network = nn.Sequential(nn.Linear(39, 4), nn.Tanh(), nn.Linear(4, 1), nn.Sigmoid())
     model = CallingScoreModel(network, _scaling_of(trained.model))
     with pytest.raises(ExportError, match="cannot export layer Tanh"):
-        export_onnx(model, target, tiny_split.x_test, {})
+        export_onnx(model, target, tiny_split.x_test, {}, x_train=tiny_split.x_train)
     assert target.read_bytes() == b"previous model"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
@@ -305,7 +314,7 @@ def test_export_replaces_an_existing_file(
 ) -> None:
     target = tmp_path / "model.onnx"
     target.write_bytes(b"old")
-    export_onnx(trained.model, target, tiny_split.x_test, METADATA)
+    export_onnx(trained.model, target, tiny_split.x_test, METADATA, x_train=tiny_split.x_train)
     assert target.read_bytes() == exported.path.read_bytes()  # and the export is reproducible
 
 
@@ -322,7 +331,9 @@ def pair_exported(
 ) -> tuple[TrainResult, ExportReport]:
     result = train_model(tiny_split, TrainConfig(epochs=3, pair_features=True))
     folder = tmp_path_factory.mktemp("pairs")
-    report = export_onnx(result.model, folder / "pairs.onnx", tiny_split.x_test, METADATA)
+    report = export_onnx(
+        result.model, folder / "pairs.onnx", tiny_split.x_test, METADATA, x_train=tiny_split.x_train
+    )
     return result, report
 
 

@@ -113,7 +113,7 @@ def test_stacked_models_checkpoint_and_export_like_solo_ones(
             scores = model(torch.from_numpy(split.x_test)).numpy()
         np.testing.assert_array_equal(scores, result.predict(split.x_test))
         path = tmp_path / f"model_{result.config.dropout}.onnx"
-        export_onnx(result.model, path, split.x_test, {"source": "stacked"})
+        export_onnx(result.model, path, split.x_test, {"source": "stacked"}, x_train=split.x_train)
         np.testing.assert_allclose(
             onnx_predict(path, split.x_test), result.predict(split.x_test), atol=1e-5
         )

@@ -194,10 +194,9 @@ def inspect_model(model_path: Path, model_type: str) -> InspectedModel:
 
 
 def _input_width(model_path: Path) -> int:
-    import onnx
+    from calling_score_opt.export import input_width
 
-    proto = onnx.load(str(model_path), load_external_data=False)
-    return int(proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value)
+    return input_width(model_path) or 0
 
 
 def default_description(inspected: InspectedModel) -> str:

@@ -809,21 +809,43 @@ def data_check(
         console.print(
             f"Ignored (non-numeric) columns: {escape(', '.join(dataset.ignored_columns))}"
         )
+    if report.ignored_keys:
+        console.print("Keys cso ignores (not model inputs), by group:")
+        for group, keys in report.ignored_keys.items():
+            shown = [
+                f"{_printable(k)} ({n:,} record{'' if n == 1 else 's'})"
+                for k, n in list(keys.items())[:10]
+            ]
+            more = f", and {len(keys) - 10:,} other keys" if len(keys) > 10 else ""
+            console.print(
+                f"  {group}: {escape(', '.join(shown))}{more}", highlight=False, soft_wrap=True
+            )
     if report.defaulted:
         table = Table(
-            title="Features defaulted to 0.5 (key missing in the record)", title_justify="left"
+            title="Inputs cso fills with 0.5 (the record lacks the key)",
+            title_justify="left",
         )
-        table.add_column("feature")
-        table.add_column("records", justify="right")
+        table.add_column("input")
+        table.add_column("records filled", justify="right")
         for name, count in report.defaulted.items():
             table.add_row(escape(name), f"{count:,} ({count / dataset.n_records:.0%})")
         print_table(table)
     else:
-        console.print("Every feature is present in every record (nothing defaulted to 0.5).")
+        console.print("Every input is present in every record (cso fills nothing with 0.5).")
     if report.constant_features:
+        constant = report.constant_values
         console.print(
-            f"[yellow]Constant features ({len(report.constant_features)}), the model cannot "
-            f"learn from them:[/] {escape(', '.join(report.constant_features))}"
+            f"[yellow]Constant inputs ({len(report.constant_features)}):[/] a model never learns "
+            "these inputs: cso zeroes their first-layer weights at export, so whatever the app "
+            "sends there is ignored",
+            highlight=False,
+            soft_wrap=True,
+        )
+        console.print(
+            "  "
+            + escape(", ".join(f"{n} (always {constant[n]:g})" for n in report.constant_features)),
+            highlight=False,
+            soft_wrap=True,
         )
     if report.out_of_range:
         values = ", ".join(f"{n} ({c})" for n, c in report.out_of_range.items())
@@ -870,6 +892,11 @@ def data_synth(
         f"label variance {metadata['label_variance']:.5f})",
         highlight=False,
     )
+
+
+def _printable(name: str) -> str:
+    """A key from a data file as one printable line (control characters escaped)."""
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 def main() -> None:

@@ -1,7 +1,9 @@
 """Training data: the app's JSON export (docs/contract.md) or any CSV, loaded, checked, split.
 
 Everything a model sees comes through :func:`load_dataset` and :func:`split_dataset`, so the
-feature order, the label rule, the 0.5 default and the 70/15/15 split live in one place.
+feature order, the label rule, the 0.5 default and the 70/15/15 split live in one place; one
+record's inputs come from :func:`fill_features`, which the app's test vectors use too
+(calling_score_opt.feature_contract).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +64,8 @@ FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 #: The 39 model inputs as ``group.name``, index i is column i of the ONNX input.
 FEATURE_NAMES: tuple[str, ...] = tuple(f"{g}.{n}" for g, names in FEATURE_GROUPS for n in names)
+#: Each group's names as a set: every other key of a group is ignored (and counted).
+_GROUP_NAME_SETS = {group: frozenset(names) for group, names in FEATURE_GROUPS}
 N_FEATURES = len(FEATURE_NAMES)
 MISSING_FEATURE_VALUE = 0.5
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
@@ -97,6 +101,8 @@ class Dataset:
     defaulted: npt.NDArray[np.int64] | None = None  # per feature: records where 0.5 was assumed
     label_sources: Mapping[str, int] = field(default_factory=dict)
     ignored_columns: tuple[str, ...] = ()  # CSV: non-numeric columns left out
+    #: JSON: per group, the keys that are not model inputs -> how many records hold them
+    ignored_keys: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     @property
     def n_records(self) -> int:
@@ -194,7 +200,11 @@ def _as_float(value: object) -> float | None:
 
 def _number(path: Path, index: int, name: str, value: object) -> float:
     """A finite float from a JSON value, or a DataError naming the record and field."""
-    where = f"{path}: record {index}, field '{_oneline(name)}'"
+    return _finite(f"{path}: record {index}, field '{_oneline(name)}'", value)
+
+
+def _finite(where: str, value: object) -> float:
+    """A finite float from a JSON value, or a DataError that starts with ``where``."""
     number = _as_float(value)
     if number is None:
         raise DataError(f"{where}: {_show(value)} is not a number; fix or remove the record")
@@ -255,6 +265,58 @@ def _records_of(path: Path, document: object) -> list[object]:
     )
 
 
+def fill_features(
+    record: object,
+    row: Array,
+    where: str,
+    defaulted: npt.NDArray[np.int64] | None = None,
+    ignored: dict[str, dict[str, int]] | None = None,
+) -> None:
+    """Write one record's model inputs into ``row`` (float32, one slot per FEATURE_NAMES).
+
+    The one implementation of the record rules of docs/contract.md, shared by loading and by
+    the app's test vectors: a missing key, or a missing or null group, counts as 0.5; other keys
+    of a group are ignored; values are kept as given, including outside [0, 1] (nothing is
+    clamped), as float32. ``defaulted`` (per column) and ``ignored`` (per group, per key) are
+    counted when given.
+
+    Raises:
+        DataError: ``where`` (e.g. "data.json: record 4"), the field, and what is wrong: the
+            record or a group is not an object, or a value is not a finite number float32 holds.
+    """
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{where} is {type(record).__name__}, not an object; "
+            "each record must be a JSON object (see docs/contract.md)"
+        )
+    column = 0
+    for group, names in FEATURE_GROUPS:
+        values = record.get(group)
+        if values is None:
+            values = {}
+        elif not isinstance(values, dict):
+            raise DataError(
+                f"{where}, field '{group}': is {type(values).__name__}, "
+                "not an object of named features"
+            )
+        present = 0
+        for name in names:
+            if name in values:
+                row[column] = _finite(f"{where}, field '{group}.{name}'", values[name])
+                present += 1
+            else:
+                row[column] = MISSING_FEATURE_VALUE  # the app sends 0.5 for a missing key
+                if defaulted is not None:
+                    defaulted[column] += 1
+            column += 1
+        if ignored is not None and len(values) > present:  # only then are there other keys
+            known = _GROUP_NAME_SETS[group]
+            for key in values:
+                if key not in known:
+                    counts = ignored.setdefault(group, {})
+                    counts[key] = counts.get(key, 0) + 1
+
+
 def _load_json(path: Path, raw: bytes) -> Dataset:
     try:
         document = json.loads(raw)
@@ -280,32 +342,14 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
     _irreducible_mse(path, metadata)  # refused now, not after a whole grid has trained
 
     n = len(records)
-    features = np.full((n, N_FEATURES), MISSING_FEATURE_VALUE, dtype=np.float32)
+    features = np.empty((n, N_FEATURES), dtype=np.float32)
     labels = np.empty(n, dtype=np.float32)
     defaulted = np.zeros(N_FEATURES, dtype=np.int64)
+    ignored: dict[str, dict[str, int]] = {}
     label_sources = {"outcome_score": 0, "formula_calling_score": 0}
     for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(
-                f"{path}: record {i} is {type(record).__name__}, not an object; "
-                "each record must be a JSON object (see docs/contract.md)"
-            )
-        column = 0
-        for group, names in FEATURE_GROUPS:
-            values = record.get(group)
-            if values is None:
-                values = {}
-            elif not isinstance(values, dict):
-                raise DataError(
-                    f"{path}: record {i}, field '{group}': is {type(values).__name__}, "
-                    "not an object of named features"
-                )
-            for name in names:
-                if name in values:
-                    features[i, column] = _number(path, i, f"{group}.{name}", values[name])
-                else:
-                    defaulted[column] += 1  # the app sends 0.5 for a missing key; so do we
-                column += 1
+        fill_features(record, features[i], f"{path}: record {i}", defaulted, ignored)
+        record = cast("dict[str, Any]", record)  # fill_features refused anything but an object
         if record.get("outcome_score") is not None:
             labels[i] = _label(path, i, "outcome_score", record["outcome_score"])
             label_sources["outcome_score"] += 1
@@ -326,6 +370,7 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
         metadata=metadata,
         defaulted=defaulted,
         label_sources=label_sources,
+        ignored_keys={group: ignored[group] for group, _ in FEATURE_GROUPS if group in ignored},
     )
 
 
@@ -505,13 +550,19 @@ class DataReport:
     out_of_range: dict[str, int]  # feature -> values outside [0, 1]
     defaulted: dict[str, int]  # feature -> records where 0.5 was assumed
     problems: tuple[str, ...]  # reasons the file cannot be trained on
+    constant_values: dict[str, float] = field(default_factory=dict)  # feature -> its one value
+    #: JSON: per group, keys that are not model inputs -> records holding them, most first
+    ignored_keys: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def check_dataset(dataset: Dataset) -> DataReport:
     """Summarise a loaded dataset and list what would make training on it pointless."""
     x, y = dataset.features, dataset.labels
     names = dataset.feature_names
-    constant = tuple(n for n, lo, hi in zip(names, x.min(0), x.max(0), strict=True) if lo == hi)
+    constant_values = {
+        n: float(lo) for n, lo, hi in zip(names, x.min(0), x.max(0), strict=True) if lo == hi
+    }
+    constant = tuple(constant_values)
     outside = ((x < 0.0) | (x > 1.0)).sum(axis=0)
     defaulted = dataset.defaulted if dataset.defaulted is not None else np.zeros(len(names))
     # float64: in float32 the mean of 100 labels of 0.42 rounds, and their std is 3e-8, not 0
@@ -529,6 +580,10 @@ def check_dataset(dataset: Dataset) -> DataReport:
     if len(constant) == len(names):
         problems.append("every feature is constant: the model cannot tell records apart")
     quantiles = np.quantile(y, [0.0, 0.25, 0.5, 0.75, 1.0])
+    ignored = {
+        group: dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+        for group, counts in dataset.ignored_keys.items()
+    }
     return DataReport(
         dataset=dataset,
         label_mean=float(y.mean(dtype=np.float64)),
@@ -540,6 +595,8 @@ def check_dataset(dataset: Dataset) -> DataReport:
         out_of_range={n: int(c) for n, c in zip(names, outside, strict=True) if c},
         defaulted={n: int(c) for n, c in zip(names, defaulted, strict=True) if c},
         problems=tuple(problems),
+        constant_values=constant_values,
+        ignored_keys=ignored,
     )
 
 

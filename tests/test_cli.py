@@ -166,7 +166,8 @@ def test_data_check_on_a_good_file(run_cli: RunCli, data_copy: Path) -> None:
     assert "200 records, 39 features" in out
     assert "200 from outcome_score" in out
     assert "Irreducible error recorded in metadata: MSE 0.0" in out
-    assert "nothing defaulted to 0.5" in out
+    assert "cso fills nothing with 0.5" in out
+    assert "  spot_vibe_dimensions: spot_rating (200 records)\n" in out  # synth writes it
     assert "OK: this file can be trained on." in out
     assert result.stderr == ""
 
@@ -191,13 +192,21 @@ def test_data_check_shows_defaulted_and_constant_features(run_cli: RunCli, tmp_p
     result = run_cli("data", "check", path)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    assert "Features defaulted to 0.5" in out
+    assert "Inputs cso fills with 0.5 (the record lacks the key)" in out
     for name in renamed:
         assert re.search(rf"context_features\.{name}\s.*30 \(100%\)", out), name
     assert re.search(r"timing_features\.timing_alignment\s.*30 \(100%\)", out)
     assert re.search(r"user_vibe_dimensions\.crowd_tolerance\s.*1 \(3%\)", out)
-    assert "Constant features (5)" in out
-    assert "context_features.novelty_match" in out.split("Constant features")[1]
+    # the keys that took their place are named, per group, with their counts
+    assert (
+        "  context_features: context_feature_10 (30 records), context_feature_7 (30 records), "
+        "context_feature_8 (30 records), context_feature_9 (30 records)\n"
+    ) in out
+    assert "  timing_features: timing_feature_5 (30 records)\n" in out
+    assert "Constant inputs (5): a model never learns these inputs: cso zeroes their " in out
+    constant = out.split("Constant inputs")[1]
+    assert "so whatever the app sends there is ignored" in constant
+    assert "context_features.novelty_match (always 0.5)" in constant
     assert "OK" in out
 
 

@@ -217,6 +217,7 @@ def test_constant_defaulted_feature_is_reported_constant(tmp_path: Path) -> None
         del record["context_features"]["novelty_match"]
     report = check_dataset(load_dataset(write_json(tmp_path / "d.json", records)))
     assert report.constant_features == ("context_features.novelty_match",)
+    assert report.constant_values == {"context_features.novelty_match": 0.5}
     assert report.defaulted == {"context_features.novelty_match": 30}
     assert report.problems == ()  # constant inputs are reported, not fatal
 
@@ -236,6 +237,53 @@ def test_extra_keys_are_ignored(tmp_path: Path) -> None:
     np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert b.defaulted is not None and int(b.defaulted.sum()) == 0
+
+
+def test_keys_that_are_not_inputs_are_counted_per_group(tmp_path: Path) -> None:
+    records = make_records(30, value=by_column)
+    for i, record in enumerate(records):
+        if i % 3 == 0:
+            record["user_vibe_dimensions"]["overall_energy"] = 0.6
+        record["user_vibe_dimensions"]["social_preference"] = 0.4
+        record["spot_vibe_dimensions"]["spot_rating"] = "four stars"
+    context = records[5]["context_features"]
+    context["context_feature_7"] = context.pop("vibe_compatibility")
+    records[6]["timing_features"] = None
+    records[7]["note"] = "a top-level key: not in a group, not counted"
+    dataset = load_dataset(write_json(tmp_path / "d.json", records))
+    assert dataset.ignored_keys == {
+        "user_vibe_dimensions": {"overall_energy": 10, "social_preference": 30},
+        "spot_vibe_dimensions": {"spot_rating": 30},
+        "context_features": {"context_feature_7": 1},
+    }
+    report = check_dataset(dataset)
+    assert list(report.ignored_keys) == [  # in the model's group order, most held first
+        "user_vibe_dimensions",
+        "spot_vibe_dimensions",
+        "context_features",
+    ]
+    assert list(report.ignored_keys["user_vibe_dimensions"].items()) == [
+        ("social_preference", 30),
+        ("overall_energy", 10),
+    ]
+    # the extra keys change nothing else
+    plain = load_dataset(write_json(tmp_path / "plain.json", make_records(30, value=by_column)))
+    np.testing.assert_array_equal(dataset.features[:5], plain.features[:5])
+    assert plain.ignored_keys == {}
+
+
+def test_data_check_names_ignored_keys_per_group(run_cli: RunCli, tmp_path: Path) -> None:
+    records = make_records(30)
+    for record in records:
+        record["user_vibe_dimensions"]["social_preference"] = 0.4
+        record["user_vibe_dimensions"]["overall_energy"] = 0.6
+    records[0]["user_vibe_dimensions"]["bad\nkey"] = 1
+    result = run_cli("data", "check", write_json(tmp_path / "d.json", records))
+    assert result.exit_code == 0, result.output
+    assert (
+        "Keys cso ignores (not model inputs), by group:\n  user_vibe_dimensions: overall_energy "
+        "(30 records), social_preference (30 records), bad\\nkey (1 record)\n"
+    ) in result.stdout
 
 
 def test_synthetic_file_has_nothing_defaulted(tiny_dataset: Dataset) -> None:

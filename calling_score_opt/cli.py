@@ -62,6 +62,12 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
+contract_app = typer.Typer(
+    help="The features the app must build: test vectors, and the check of the app's own.\n\n"
+    "Example: cso contract check app_vectors.json",
+    no_args_is_help=True,
+)
+app.add_typer(contract_app, name="contract")
 app.add_typer(registry_app, name="registry")
 app.command()(report_cli.report)
 app.command()(report_cli.dashboard)
@@ -897,6 +903,95 @@ def data_synth(
 def _printable(name: str) -> str:
     """A key from a data file as one printable line (control characters escaped)."""
     return name if name.isprintable() else repr(name)[1:-1]
+
+
+@contract_app.command("check")
+@fails_cleanly
+def contract_check(
+    app_vectors: Annotated[
+        Path,
+        typer.Argument(
+            help='The app\'s vectors: {"cases": [{"id": ..., "features": [39 numbers]}, ...]}.'
+        ),
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Expect the input order this ONNX model records (its feature_names metadata)."
+        ),
+    ] = None,
+    vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="The test vectors the app ran on. (default: the built-in ones, the same as "
+            "docs/feature_vectors.json)",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Compare the app's feature vectors with what the model expects, position by position.
+
+    The app runs its feature builder on the records of docs/feature_vectors.json and writes what
+    it would send the model. Exit 0 when every position of every case agrees, 2 when not, with
+    each difference named: a position holding another input, a constant, values that differ
+    (docs/app-integration.md).
+
+    Example: cso contract check app_vectors.json --model model.onnx
+    """
+    from calling_score_opt.errors import ContractError
+    from calling_score_opt.feature_contract import KIND_TITLES, check_app_vectors
+
+    check = check_app_vectors(app_vectors, vectors, model)
+    console.print(
+        f"[bold]{escape(str(app_vectors))}[/]: {len(check.compared)} of {check.n_cases} cases "
+        f"compared with {escape(check.source)}, {check.n_positions} positions each",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if check.problems:
+        console.print(f"[yellow]Problems with the app's cases ({len(check.problems)}):[/]")
+        for line in check.problems:
+            console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+    for kind, title in KIND_TITLES.items():
+        found = check.of_kind(kind)
+        if found:
+            console.print(f"[yellow]{title} ({len(found)}):[/]")
+            for finding in found:
+                console.print(f"  {escape(finding.message)}", highlight=False, soft_wrap=True)
+    if check.hints:
+        console.print("To fix the order:")
+        for hint in check.hints:
+            console.print(f"  {escape(hint)}", highlight=False, soft_wrap=True)
+    if not check.agrees:
+        raise ContractError(check.summary)
+    console.print(f"[green]OK[/]: {escape(check.summary)}", highlight=False, soft_wrap=True)
+
+
+@contract_app.command("vectors")
+@fails_cleanly
+def contract_vectors(
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Write them to this file. (default: print them)", show_default=False),
+    ] = None,
+) -> None:
+    """Print the test vectors: records in the app's format, each with the inputs cso trains on.
+
+    docs/feature_vectors.json holds them (a test keeps it equal to this command's output); the
+    app runs its feature builder on each record and `cso contract check` compares the result.
+
+    Example: cso contract vectors --output docs/feature_vectors.json
+    """
+    from calling_score_opt.atomic import write_text_atomic
+    from calling_score_opt.feature_contract import feature_vectors_text
+
+    text = feature_vectors_text()
+    if output is None:
+        typer.echo(text, nl=False)  # plain: rich would colour and wrap the JSON
+        return
+    check_output_file(output, "--output", example="feature_vectors.json")
+    write_text_atomic(output, text)
+    console.print(f"Wrote the test vectors to {escape(str(output))}", highlight=False)
 
 
 def main() -> None:

@@ -27,3 +27,8 @@ class ExportError(CsoError):
 
 class StudyError(CsoError):
     """Raised when a study's storage cannot be used for the requested run."""
+
+
+class ContractError(CsoError):
+    """Raised when the app's feature vectors differ from what the model expects, or when a
+    vectors file (the app's, the expected ones, or a model's feature list) cannot be read."""

@@ -38,6 +38,8 @@ LEAF_COMMANDS = [
     ("train",),
     ("data", "check"),
     ("data", "synth"),
+    ("contract", "check"),
+    ("contract", "vectors"),
 ]
 
 
@@ -51,8 +53,12 @@ def test_every_command_has_help_with_an_example(run_cli: RunCli, command: tuple[
 
 @pytest.mark.parametrize(
     ("group", "listed"),
-    [((), ("grid", "train", "data")), (("data",), ("check", "synth"))],
-    ids=["cso", "cso data"],
+    [
+        ((), ("grid", "train", "data", "contract")),
+        (("data",), ("check", "synth")),
+        (("contract",), ("check", "vectors")),
+    ],
+    ids=["cso", "cso data", "cso contract"],
 )
 def test_groups_have_help_listing_their_commands(
     run_cli: RunCli, group: tuple[str, ...], listed: tuple[str, ...]
@@ -100,7 +106,8 @@ def test_help_does_not_import_heavy_libraries() -> None:
         "assert 'torch' not in sys.modules, 'import'\n"
         "from typer.testing import CliRunner\n"
         "for args in (['--help'], ['grid', '--help'], ['train', '--help'],\n"
-        "             ['data', 'check', '--help'], ['data', 'synth', '--help']):\n"
+        "             ['data', 'check', '--help'], ['data', 'synth', '--help'],\n"
+        "             ['contract', 'check', '--help'], ['contract', 'vectors', '--help']):\n"
         "    result = CliRunner().invoke(cli.app, args)\n"
         "    assert result.exit_code == 0, result.output\n"
         "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'optuna', 'numpy')\n"
@@ -830,6 +837,8 @@ def test_the_walk_finds_every_command() -> None:
         "dashboard",
         "data check",
         "data synth",
+        "contract check",
+        "contract vectors",
         "registry register",
         "registry route",
     } <= names

@@ -317,6 +317,56 @@ def fill_features(
                     counts[key] = counts.get(key, 0) + 1
 
 
+class _Absent:
+    """The marker of a key a record does not have (JSON null is a value, and is refused)."""
+
+
+_ABSENT = _Absent()
+
+
+def _plain_features(
+    records: list[object],
+) -> tuple[Array, npt.NDArray[np.int64], dict[str, dict[str, int]]] | None:
+    """:func:`fill_features` for a whole file at once, when every record is plain.
+
+    Plain: each record and group is an object and every value a finite number float32 holds,
+    which is every file the app writes. Then the rules of :func:`fill_features` (0.5 for a
+    missing key, other keys ignored, values kept) run as a few array operations instead of
+    39 checks per record, several times faster on 10,000 records. None when any record is not
+    plain: the per-field path then finds the first problem and names it.
+    """
+    absent, empty = _ABSENT, cast("dict[str, object]", {})
+    flat: list[object] = []
+    ignored: dict[str, dict[str, int]] = {}
+    for record in records:
+        if type(record) is not dict:
+            return None
+        for group, names in FEATURE_GROUPS:
+            values = record.get(group)
+            if values is None:
+                values = empty
+            elif type(values) is not dict:
+                return None
+            flat.extend([values.get(name, absent) for name in names])
+            if len(values) > len(names) or not values.keys() <= _GROUP_NAME_SETS[group]:
+                counts = ignored.setdefault(group, {})
+                for key in values.keys() - _GROUP_NAME_SETS[group]:
+                    counts[key] = counts.get(key, 0) + 1
+    if not set(map(type, flat)) <= {float, int, _Absent}:  # bool, str, None, lists: per field
+        return None
+    cells = np.array(flat, dtype=object).reshape(len(records), N_FEATURES)
+    missing = cells == absent  # identity: _Absent has no __eq__ of its own
+    cells[missing] = MISSING_FEATURE_VALUE
+    try:
+        values = cells.astype(np.float64)
+    except OverflowError:  # an integer with hundreds of digits
+        return None
+    if not np.all(np.abs(values) <= _FLOAT32_MAX):  # also false for inf and nan
+        return None
+    defaulted: npt.NDArray[np.int64] = missing.sum(axis=0).astype(np.int64)
+    return values.astype(np.float32), defaulted, ignored
+
+
 def _load_json(path: Path, raw: bytes) -> Dataset:
     try:
         document = json.loads(raw)
@@ -342,14 +392,19 @@ def _load_json(path: Path, raw: bytes) -> Dataset:
     _irreducible_mse(path, metadata)  # refused now, not after a whole grid has trained
 
     n = len(records)
-    features = np.empty((n, N_FEATURES), dtype=np.float32)
+    plain = _plain_features(records)
+    if plain is None:  # some record is not plain: the per-field path names the first problem
+        features = np.empty((n, N_FEATURES), dtype=np.float32)
+        defaulted = np.zeros(N_FEATURES, dtype=np.int64)
+        ignored: dict[str, dict[str, int]] = {}
+        for i, record in enumerate(records):
+            fill_features(record, features[i], f"{path}: record {i}", defaulted, ignored)
+    else:
+        features, defaulted, ignored = plain
     labels = np.empty(n, dtype=np.float32)
-    defaulted = np.zeros(N_FEATURES, dtype=np.int64)
-    ignored: dict[str, dict[str, int]] = {}
     label_sources = {"outcome_score": 0, "formula_calling_score": 0}
     for i, record in enumerate(records):
-        fill_features(record, features[i], f"{path}: record {i}", defaulted, ignored)
-        record = cast("dict[str, Any]", record)  # fill_features refused anything but an object
+        record = cast("dict[str, Any]", record)  # both paths refused anything but an object
         if record.get("outcome_score") is not None:
             labels[i] = _label(path, i, "outcome_score", record["outcome_score"])
             label_sources["outcome_score"] += 1

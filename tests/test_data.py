@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import assert_clean_failure, make_record, make_records, write_json
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import Result
 
 from calling_score_opt.data import (
+    FEATURE_GROUPS,
     FEATURE_NAMES,
     MAX_FEATURE_SPREAD,
     MIN_LABEL_STD,
@@ -944,3 +948,53 @@ def test_a_target_with_a_line_break_is_named_on_one_line(tmp_path: Path) -> None
     with pytest.raises(DataError) as excinfo:
         load_dataset(path, target="score\n")
     assert str(excinfo.value) == f"{path}: no column 'score\\n' for --target; columns are: a, score"
+
+
+# --- the whole-file path agrees with the per-record rules -------------------------------------
+
+_NAMES_BY_GROUP = {group: names for group, names in FEATURE_GROUPS}
+_value = st.one_of(
+    st.floats(-1e6, 1e6, allow_nan=False), st.integers(-(10**6), 10**6), st.just(0.5)
+)
+
+
+@st.composite
+def _plain_record(draw: st.DrawFn) -> dict[str, Any]:
+    record: dict[str, Any] = {}
+    for group, names in _NAMES_BY_GROUP.items():
+        if draw(st.integers(0, 9)) == 0:
+            continue  # a missing group: every input 0.5
+        keys = draw(st.lists(st.sampled_from(names), unique=True))
+        extra = draw(st.lists(st.sampled_from(["social_preference", "spot_rating", "x"])))
+        record[group] = {k: draw(_value) for k in [*keys, *extra]}
+    record["outcome_score"] = 0.5
+    return record
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_plain_record(), min_size=1, max_size=20))
+def test_plain_files_load_as_the_per_record_rules_say(records: list[dict[str, Any]]) -> None:
+    from calling_score_opt.data import _plain_features, fill_features
+
+    plain = _plain_features(records)
+    assert plain is not None
+    features, defaulted, ignored = plain
+    expected = np.empty_like(features)
+    expected_defaulted = np.zeros_like(defaulted)
+    expected_ignored: dict[str, dict[str, int]] = {}
+    for i, record in enumerate(records):
+        fill_features(record, expected[i], f"record {i}", expected_defaulted, expected_ignored)
+    np.testing.assert_array_equal(features, expected)
+    np.testing.assert_array_equal(defaulted, expected_defaulted)
+    assert ignored == expected_ignored
+
+
+@pytest.mark.parametrize(
+    "value", [True, None, "0.5", [0.5], {"v": 1}, math.inf, math.nan, 10**400, 1e39]
+)
+def test_a_record_that_is_not_plain_takes_the_path_that_names_the_field(value: object) -> None:
+    from calling_score_opt.data import _plain_features
+
+    records = make_records(5)
+    records[3]["context_features"]["user_receptivity"] = value
+    assert _plain_features(records) is None

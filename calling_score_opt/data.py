@@ -549,8 +549,74 @@ def _refuse_unscalable(dataset: Dataset) -> None:
     )
 
 
-def load_dataset(path: Path, target: str | None = None) -> Dataset:
+def _cache_file(cache_dir: Path, fingerprint: str, target: str | None) -> Path:
+    from calling_score_opt import __version__
+
+    # The cso version is part of the key: a release that loads files differently never
+    # reads what an earlier one cached.
+    key = hashlib.sha256(f"{fingerprint}|{target}|{__version__}".encode()).hexdigest()
+    return cache_dir / f"parsed-data-{key[:32]}.npz"
+
+
+def _read_cache(file: Path, path: Path, fingerprint: str) -> Dataset | None:
+    """The dataset cached in ``file`` for the data file with ``fingerprint``; None if there is
+    none, or it is unreadable or for other bytes (it is then parsed again)."""
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            header = json.loads(archive["header"].tobytes().decode())
+            if header["fingerprint"] != fingerprint:
+                return None
+            return Dataset(
+                path=path,
+                features=archive["features"].astype(np.float32, copy=False),
+                labels=archive["labels"].astype(np.float32, copy=False),
+                feature_names=tuple(header["feature_names"]),
+                fingerprint=fingerprint,
+                metadata=header["metadata"],
+                defaulted=archive["defaulted"] if header["has_defaulted"] else None,
+                label_sources=header["label_sources"],
+                ignored_columns=tuple(header["ignored_columns"]),
+                ignored_keys=header["ignored_keys"],
+            )
+    except Exception:  # missing, damaged or foreign: parse the file instead
+        return None
+
+
+def _write_cache(file: Path, dataset: Dataset) -> None:
+    """Cache a loaded dataset in ``file`` (atomically; a failure only costs the next load time)."""
+    from calling_score_opt.atomic import atomic_path
+
+    header = {
+        "fingerprint": dataset.fingerprint,
+        "feature_names": list(dataset.feature_names),
+        "metadata": dict(dataset.metadata),
+        "has_defaulted": dataset.defaulted is not None,
+        "label_sources": dict(dataset.label_sources),
+        "ignored_columns": list(dataset.ignored_columns),
+        "ignored_keys": {g: dict(keys) for g, keys in dataset.ignored_keys.items()},
+    }
+    defaulted = dataset.defaulted if dataset.defaulted is not None else np.zeros(0, np.int64)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(file) as tmp, tmp.open("wb") as out:
+            np.savez(
+                out,
+                header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+                features=dataset.features,
+                labels=dataset.labels,
+                defaulted=defaulted,
+            )
+    except (OSError, TypeError, ValueError):  # a full disk or read-only folder: no cache
+        return
+
+
+def load_dataset(path: Path, target: str | None = None, cache_dir: Path | None = None) -> Dataset:
     """Load the app's JSON export, or a CSV whose ``target`` column is the label.
+
+    With ``cache_dir`` (a study's artifact folder), the parsed arrays are kept there, keyed by
+    the file's sha256, the target and the cso version: a later load of the same bytes reads
+    them instead of parsing the file again (a fraction of the time on 10,000 records). The
+    file itself is still read and hashed every time, so an edited file is never served stale.
 
     Raises:
         DataError: one line naming the file, the record index and the field at fault.
@@ -564,6 +630,12 @@ def load_dataset(path: Path, target: str | None = None) -> Dataset:
             f"{path}: --target applies to CSV files only; JSON exports use outcome_score "
             "(else formula_calling_score) as the label"
         )
+    cache = None
+    if cache_dir is not None:
+        fingerprint = _fingerprint(raw)
+        cache = _cache_file(cache_dir, fingerprint, target)
+        if (cached := _read_cache(cache, path, fingerprint)) is not None:
+            return cached
     dataset = _load_csv(path, raw, target) if target is not None else _load_json(path, raw)
     _refuse_unscalable(dataset)
     if dataset.n_records < MIN_RECORDS:
@@ -571,6 +643,8 @@ def load_dataset(path: Path, target: str | None = None) -> Dataset:
             f"{path}: {dataset.n_records} records; a 70/15/15 split needs at least "
             f"{MIN_RECORDS}. Add records or generate some with `cso data synth`"
         )
+    if cache is not None:
+        _write_cache(cache, dataset)
     return dataset
 
 

@@ -199,11 +199,11 @@ def build_ensemble(
         raise ConfigError(
             f"--max-members and --rounds must be at least 1, got {max_members}, {rounds}"
         )
-    data = study_data(study, data_path, target)
+    store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
+    data = study_data(study, data_path, target, store_dir)
     results_path = output_dir / RESULTS_FILENAME
     existing = read_results(results_path)
     check_mergeable(existing, results_path, study.study_name, data.dataset.fingerprint)
-    store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
     store = artifact_store(store_dir)
     candidates = _candidates(study, store, data)
     y_val = data.split.y_val.astype(np.float64)

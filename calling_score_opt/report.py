@@ -28,7 +28,13 @@ from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.errors import ConfigError, CsoError, StudyError
 from calling_score_opt.stats import paired_bootstrap_improvement
 from calling_score_opt.study import ENSEMBLE_STEM, redact_url, storage_of
-from calling_score_opt.trials import baseline_trial, is_baseline, learning_curve, trial_name
+from calling_score_opt.trials import (
+    DATA_CACHE_DIR,
+    baseline_trial,
+    is_baseline,
+    learning_curve,
+    trial_name,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -501,7 +507,10 @@ def load_variant_errors(
     if not path.exists():
         return VariantErrors(seed=seed, note=f"the study's data file {path} is missing")
     try:
-        dataset = load_dataset(path, target)
+        cache = None if artifact_dir is None or not artifact_dir.is_dir() else artifact_dir
+        dataset = load_dataset(
+            path, target, cache_dir=None if cache is None else cache / DATA_CACHE_DIR
+        )
     except CsoError as exc:
         return VariantErrors(seed=seed, note=str(exc))
     if dataset.fingerprint != attrs.get("data_fingerprint"):

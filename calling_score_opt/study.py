@@ -610,6 +610,11 @@ def artifact_store(directory: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(directory))
 
 
+def artifact_dir_of(store: FileSystemArtifactStore) -> Path:
+    """The folder a file-system artifact store keeps its files in."""
+    return Path(store._base_path)  # private, but the store has no public name for it
+
+
 def _read_artifact(
     store: FileSystemArtifactStore,
     storage: BaseStorage,

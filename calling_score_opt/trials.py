@@ -32,6 +32,7 @@ from calling_score_opt.study import (
     BASELINE_ATTR,
     BASELINE_VARIANT,
     STUDIES_DIR,
+    artifact_dir_of,
     artifact_store,
     default_artifact_dir,
     open_storage,
@@ -278,6 +279,10 @@ def select_trials(
     return sorted(complete, key=lambda t: t.values[0])[: top or 1]
 
 
+#: Where, in a study's artifact folder, parsed data files are cached.
+DATA_CACHE_DIR = "data-cache"
+
+
 @dataclass(frozen=True)
 class StudyData:
     """The data a study was trained on, loaded and split as it was."""
@@ -288,9 +293,14 @@ class StudyData:
 
 
 def study_data(
-    study: optuna.Study, data_path: Path | None = None, target: str | None = None
+    study: optuna.Study,
+    data_path: Path | None = None,
+    target: str | None = None,
+    artifact_dir: Path | None = None,
 ) -> StudyData:
     """The study's data file (``data_path``, else the one it recorded), checked and split.
+
+    With ``artifact_dir`` (the study's), the parsed file is cached there (``load_dataset``).
 
     Raises:
         StudyError: no data file is known or it is missing, or it is not the study's data.
@@ -304,7 +314,11 @@ def study_data(
             f"{path}: the study's data file is missing; pass --data-path to the same data"
         )
     recorded_target = attrs.get("target")
-    dataset = load_dataset(path, target or (recorded_target if path.suffix == ".csv" else None))
+    dataset = load_dataset(
+        path,
+        target or (recorded_target if path.suffix == ".csv" else None),
+        cache_dir=None if artifact_dir is None else artifact_dir / DATA_CACHE_DIR,
+    )
     if dataset.fingerprint != attrs.get("data_fingerprint"):
         raise StudyError(
             f"{path}: is not the data study '{study.study_name}' was trained on "
@@ -367,7 +381,7 @@ def compare_best_with_baseline(
     if baseline.number == best.number:
         return BaselineComparison(best, baseline, None, "the baseline itself is the best trial")
     try:
-        data = study_data(study, data_path, target)
+        data = study_data(study, data_path, target, artifact_dir_of(store))
         best_model, _ = trial_model(store, study, best)
         base_model, _ = trial_model(store, study, baseline)
     except CsoError as exc:
@@ -408,12 +422,12 @@ def export_trials(
     """
     from calling_score_opt.export import export_onnx, model_metadata
 
-    data = study_data(study, data_path, target)
+    store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
+    data = study_data(study, data_path, target, store_dir)
     dataset, split = data.dataset, data.split
     results_path = output_dir / RESULTS_FILENAME
     existing = read_results(results_path)
     check_mergeable(existing, results_path, study.study_name, dataset.fingerprint)
-    store_dir = artifact_dir or default_artifact_dir(storage_url, study.study_name)
     store = artifact_store(store_dir)
     entries: list[dict[str, Any]] = []
     names = [trial_name(t) for t in trials]

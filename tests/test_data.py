@@ -998,3 +998,56 @@ def test_a_record_that_is_not_plain_takes_the_path_that_names_the_field(value: o
     records = make_records(5)
     records[3]["context_features"]["user_receptivity"] = value
     assert _plain_features(records) is None
+
+
+# --- the parsed-data cache of a study's folder ------------------------------------------------
+
+
+def test_a_cached_load_gives_the_same_dataset_without_parsing(
+    synth_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from calling_score_opt import data
+
+    cache = tmp_path / "cache"
+    first = load_dataset(synth_file, cache_dir=cache)
+    assert len(list(cache.glob("parsed-data-*.npz"))) == 1
+
+    def no_parsing(*args: object) -> None:
+        raise AssertionError("the file was parsed again")
+
+    monkeypatch.setattr(data, "_load_json", no_parsing)
+    again = load_dataset(synth_file, cache_dir=cache)
+    np.testing.assert_array_equal(again.features, first.features)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    assert again.defaulted is not None and first.defaulted is not None
+    np.testing.assert_array_equal(again.defaulted, first.defaulted)
+    for name in ("path", "feature_names", "fingerprint", "metadata", "label_sources",
+                 "ignored_columns", "ignored_keys"):  # fmt: skip
+        assert getattr(again, name) == getattr(first, name), name
+
+
+def test_an_edited_file_is_parsed_again_never_served_from_the_cache(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "d.json", make_records(30))
+    cache = tmp_path / "cache"
+    load_dataset(path, cache_dir=cache)
+    records = make_records(30)
+    records[0]["outcome_score"] = 0.99
+    write_json(path, records)
+    assert load_dataset(path, cache_dir=cache).labels[0] == pytest.approx(0.99)
+    records[1]["outcome_score"] = "oops"
+    write_json(path, records)
+    with pytest.raises(DataError, match="record 1"):
+        load_dataset(path, cache_dir=cache)
+
+
+def test_a_damaged_or_unwritable_cache_only_costs_time(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "d.json", make_records(30))
+    cache = tmp_path / "cache"
+    expected = load_dataset(path, cache_dir=cache)
+    (cached,) = cache.glob("*.npz")
+    cached.write_bytes(b"damaged")
+    np.testing.assert_array_equal(load_dataset(path, cache_dir=cache).labels, expected.labels)
+    assert cached.read_bytes() != b"damaged"  # written again
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    np.testing.assert_array_equal(load_dataset(path, cache_dir=blocked).labels, expected.labels)

@@ -7,6 +7,7 @@ a 10,000-record synthetic file), then shows where one stacked step's time goes:
 
     python bench/bench_stacked.py                  # 3 epochs each, best of 2 rounds
     python bench/bench_stacked.py --epochs 5 --rounds 3
+    python bench/bench_stacked.py --costs          # stacks of 1-8 against plan_stacks' model
 
 Epoch times are the gaps between consecutive epoch callbacks (a full epoch: every step plus the
 validation pass), the best over all epochs and rounds, measured both as wall time and as this
@@ -33,8 +34,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from calling_score_opt import stacked  # noqa: E402
-from calling_score_opt.data import Scaling, Split, load_dataset, split_dataset  # noqa: E402
-from calling_score_opt.model import CallingScoreModel, build_network  # noqa: E402
+from calling_score_opt.data import Split, load_dataset, split_dataset  # noqa: E402
+from calling_score_opt.model import build_network  # noqa: E402
 from calling_score_opt.space import VARIANTS  # noqa: E402
 from calling_score_opt.synth import write_synthetic  # noqa: E402
 from calling_score_opt.train import EpochStats, TrainConfig, train_model  # noqa: E402
@@ -97,46 +98,45 @@ def best(f: Callable[[], object], n: int = 100, rounds: int = 7) -> float:
     return min(times) * 1e6
 
 
+def _stack_of(split: Split, configs: list[TrainConfig]) -> stacked._Stack:
+    """The configs as one stack, ready to train (as train_stacked builds it)."""
+    trainer = stacked.StackedTrainer(split, plan=stacked._one_stack, share_masks=True)
+    for index, config in enumerate(configs):
+        trainer.add(index, config)
+    trainer._replan()
+    return trainer._stacks[0]
+
+
 def step_breakdown(split: Split, configs: list[TrainConfig]) -> None:
     """Time each part of one stacked step (K = len(configs)) and of one solo step."""
     torch.set_num_threads(1)
     first = configs[0]
     k, batch = len(configs), first.batch_size
-    scaling = Scaling.fit(split.x_train)
-    networks = []
-    for config in configs:
-        torch.manual_seed(config.seed)
-        networks.append(build_network(split.x_train.shape[1], config.hidden_sizes, config.dropout))
-    blocks = []
-    with torch.no_grad():
-        for layer in range(len(first.hidden_sizes) + 1):
-            linears = [stacked._linear_layers(n)[layer] for n in networks]
-            blocks.append(torch.stack([lin.weight.t() for lin in linears]))
-            blocks.append(torch.stack([lin.bias.view(1, -1) for lin in linears]))
-    stack = stacked._Stack(
-        blocks,
-        [torch.zeros_like(b) for b in blocks],
-        [torch.zeros_like(b) for b in blocks],
-        [c.learning_rate for c in configs],
-        step=0,
-    )
-    masks = stacked._Masks(
-        [c.dropout for c in configs], first.hidden_sizes, first.seed, torch.device("cpu")
-    )
-    scaler = CallingScoreModel(torch.nn.Sequential(), scaling)
-    x_all = scaler.scale(torch.from_numpy(split.x_train))
-    y_all = torch.from_numpy(split.y_train)
+    stack = _stack_of(split, configs)
+    assert stack._masks is not None
+    masks = stack._masks
+    x_all, y_all = stack.x_train, torch.from_numpy(split.y_train)
     n_train = len(y_all)
     order = torch.randperm(n_train)
     n_steps = -(-n_train // batch)
     x_epoch = x_all[order]
-    x, y = x_epoch[:batch], y_all[order][:batch]
-    drawn = masks.draw(batch)
+    x, y = x_epoch[:batch].expand(k, batch, -1), y_all[order][:batch]
+    masks.begin_epoch()
+    drawn = masks.at(0, batch, n_train)
     squared = torch.empty(k)
-    inputs, out = stack.forward(x, drawn)
+    everyone = tuple(range(k))
+
+    def fresh_masks() -> None:  # a new chunk of masks each time, spread over its batches
+        masks.begin_epoch()
+        masks.at(0, batch, n_train)
 
     rows: list[tuple[str, float]] = []
-    rows.append(("dropout masks (NumPy bits, both layers)", best(lambda: masks.draw(batch))))
+    rows.append(
+        (
+            "dropout masks (NumPy bits, a chunk per call, per batch)",
+            best(fresh_masks, n=5) * batch / masks._chunk,
+        )
+    )
     rows.append(
         (
             "batch indexing (per-epoch gather / steps + slices)",
@@ -144,26 +144,24 @@ def step_breakdown(split: Split, configs: list[TrainConfig]) -> None:
             + best(lambda: (x_epoch[:batch], y_all[:batch])),
         )
     )
-    rows.append(("forward (baddbmm, ReLU, masks, sigmoid)", best(lambda: stack.forward(x, drawn))))
     rows.append(
         (
-            "backward by hand (bmm, sums, ReLU/sigmoid grads)",
-            best(lambda: stack.backward(inputs, out, y, drawn, squared)),
+            "forward + backward by hand (bmm, sums, ReLU/sigmoid grads)",
+            best(lambda: stack._train_step(x, y, drawn, squared, 2.0 / batch)),
         )
     )
-    rows.append(("Adam (fused kernel + per-member lr)", best(stack.adam_step)))
-    fused = stacked._FUSED_ADAM
-    stacked._FUSED_ADAM = None
-    hand_adam = best(stack.adam_step)
-    stacked._FUSED_ADAM = fused
+    rows.append(("Adam (fused kernel + per-member lr)", best(lambda: stack.adam_step(everyone))))
+    fused = stack._fused
+    stack._fused = None
+    hand_adam = best(lambda: stack.adam_step(everyone))
+    stack._fused = fused
     total = sum(t for _, t in rows)
-    full = best(lambda: stack.train_step(x, y, masks.draw(batch), squared))
 
     # The alternative: the same stacked forward with autograd doing the backward.
-    leaves = [b.clone().requires_grad_(True) for b in blocks]
+    leaves = [b.detach().clone().requires_grad_(True) for b in stack.params]
 
     def autograd_forward_backward() -> None:
-        h = x.expand(k, *x.shape)
+        h = x
         for layer in range(len(first.hidden_sizes)):
             h = torch.baddbmm(leaves[2 * layer + 1], h, leaves[2 * layer]).relu() * drawn[layer]
         o = torch.linalg.vecdot(h, leaves[-2].transpose(1, 2)) + leaves[-1].view(k, 1)
@@ -171,15 +169,17 @@ def step_breakdown(split: Split, configs: list[TrainConfig]) -> None:
         torch.autograd.grad(loss, leaves)
 
     autograd = best(autograd_forward_backward)
-    by_hand = rows[2][1] + rows[3][1]
+    by_hand = rows[2][1]
 
     # One solo step of train_model's loop, for reference.
-    network = networks[0].train()
+    torch.manual_seed(first.seed)
+    network = build_network(split.x_train.shape[1], first.hidden_sizes, first.dropout).train()
     optimizer = torch.optim.Adam(network.parameters(), lr=first.learning_rate, fused=True)
+    x_solo = x[0]
     state: dict[str, torch.Tensor] = {}
 
     def solo_forward() -> None:
-        state["loss"] = F.mse_loss(network(x).squeeze(-1), y)
+        state["loss"] = F.mse_loss(network(x_solo).squeeze(-1), y)
 
     def solo_backward() -> None:
         solo_forward()
@@ -192,9 +192,8 @@ def step_breakdown(split: Split, configs: list[TrainConfig]) -> None:
 
     print(f"\nWhere one stacked step goes (K = {k}, batch {batch}, CPU us, best of rounds):")
     for name, value in rows:
-        print(f"  {name:52s} {value:7.1f}  {value / total:5.1%}")
-    print(f"  {'sum of the parts':52s} {total:7.1f}")
-    print(f"  {'whole train_step with masks, measured':52s} {full:7.1f}")
+        print(f"  {name:60s} {value:7.1f}  {value / total:5.1%}")
+    print(f"  {'sum of the parts':60s} {total:7.1f}")
     print(
         f"  alternatives: forward + autograd backward {autograd:7.1f} us vs by hand {by_hand:.1f}"
     )
@@ -203,8 +202,32 @@ def step_breakdown(split: Split, configs: list[TrainConfig]) -> None:
         f"\nOne solo train_model step for reference (CPU us): forward {solo_fwd:.1f}, "
         f"backward {solo_bwd:.1f}, optimizer {solo_opt:.1f}, "
         f"total {solo_fwd + solo_bwd + solo_opt:.1f}; x {k} = "
-        f"{k * (solo_fwd + solo_bwd + solo_opt):.1f} vs stacked {full:.1f}"
+        f"{k * (solo_fwd + solo_bwd + solo_opt):.1f} vs stacked {total:.1f}"
     )
+
+
+def epoch_costs(split: Split) -> None:
+    """One epoch of stacks of 1 to 8 members against the cost model (stacked.epoch_cost)."""
+    base = TrainConfig(dropout=0.2, pair_features=True, epochs=3, patience=10)
+    print("\nOne epoch of a stack (CPU s) against the cost model plan_stacks uses:")
+    print(f"  {'batch':>5s} {'hidden':16s} {'K':>2s} {'measured':>9s} {'modelled':>9s}")
+    n_features, n_train, n_val = split.x_train.shape[1], len(split.y_train), len(split.y_val)
+    for batch in (16, 32, 128):
+        for hidden in [(32,), (128, 64), (256, 256, 128)]:
+            for k in (1, 2, 4, 8):
+                configs = [
+                    replace(base, batch_size=batch, hidden_sizes=hidden, learning_rate=1e-3 * i)
+                    for i in range(1, k + 1)
+                ]
+                trainer = stacked.StackedTrainer(split, plan=stacked._one_stack)
+                for index, config in enumerate(configs):
+                    trainer.add(index, config)
+                trainer.run_epoch()  # warm-up
+                started = time.thread_time()
+                trainer.run_epoch()
+                measured = time.thread_time() - started
+                model = stacked.epoch_cost(configs, n_features, n_train, n_val)
+                print(f"  {batch:5d} {list(hidden)!s:16s} {k:2d} {measured:9.3f} {model:9.3f}")
 
 
 def main() -> None:
@@ -213,6 +236,9 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--costs", action="store_true", help="only measure epochs against the cost model"
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (epoch times are gaps between epochs)")
@@ -221,6 +247,9 @@ def main() -> None:
         path = Path(tmp) / "data.json"
         write_synthetic(path, args.records, args.data_seed)
         split = split_dataset(load_dataset(path), 0)
+    if args.costs:
+        epoch_costs(split)
+        return
     # patience above the epochs: every run trains every epoch, so the stack stays at K = 8
     configs = [replace(c, patience=args.epochs + 1) for c in stackable_configs(args.epochs)]
     k = len(configs)

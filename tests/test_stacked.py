@@ -19,7 +19,7 @@ from calling_score_opt.data import Split, load_dataset, split_dataset
 from calling_score_opt.errors import ConfigError, TrainingError
 from calling_score_opt.export import export_onnx, onnx_predict
 from calling_score_opt.model import CallingScoreModel
-from calling_score_opt.stacked import SHARED_SETTINGS, train_stacked
+from calling_score_opt.stacked import StackedTrainer, plan_stacks, train_one, train_stacked
 from calling_score_opt.synth import write_synthetic
 from calling_score_opt.train import (
     EpochStats,
@@ -169,24 +169,121 @@ def test_a_diverging_member_fails_alone(split: Split) -> None:
         assert [s for i, s in calls if i == index] == result.history
 
 
-@pytest.mark.parametrize(
-    ("setting", "value"),
-    [
-        ("batch_size", 16),
-        ("hidden_sizes", (96, 48)),
-        ("pair_features", True),
-        ("epochs", 7),
-        ("patience", 4),
-        ("seed", 1),
-    ],
-)
-def test_members_must_share_everything_but_learning_rate_and_dropout(
-    split: Split, setting: str, value: Any
-) -> None:
-    assert setting in SHARED_SETTINGS
-    other = replace(BASE, **{setting: value})
-    with pytest.raises(ConfigError, match=f"same {setting}"):
-        train_stacked(split, [BASE, replace(BASE, learning_rate=0.01), other])
+#: Runs that differ in everything a stack lets them: batch size (micro-batches and gradients
+#: added up), hidden sizes and depth (padding, identity layers), pair features (zero inputs),
+#: epochs, patience and seed (their own batch order and initial weights).
+UNLIKE = [
+    replace(BASE, learning_rate=0.001, epochs=8),
+    replace(BASE, learning_rate=0.03, batch_size=16, hidden_sizes=(64,), epochs=8),
+    replace(BASE, learning_rate=0.005, batch_size=64, hidden_sizes=(96, 48, 32)),
+    replace(BASE, learning_rate=0.002, batch_size=128, hidden_sizes=(200, 20), epochs=7),
+    replace(BASE, learning_rate=0.004, seed=3, hidden_sizes=(50, 50, 50), epochs=8),
+]
+UNLIKE[2] = replace(UNLIKE[2], pair_features=True)
+UNLIKE[3] = replace(UNLIKE[3], patience=2)
+#: A dropout rate for each of them (0: one without).
+DROPOUTS = (0.2, 0.0, 0.3, 0.1, 0.4)
+
+
+def test_members_of_any_shape_batch_size_and_seed_equal_their_solo_runs(split: Split) -> None:
+    results = trained(train_stacked(split, UNLIKE))
+    assert len({c.batch_size for c in UNLIKE}) == 4 and len({c.hidden_sizes for c in UNLIKE}) == 5
+    assert any(r.epochs_run < r.config.epochs for r in results), "precondition: one stops early"
+    for result, config in zip(results, UNLIKE, strict=True):
+        assert_same_run(result, train_model(split, config), split)
+        assert_plain_model(result)
+        assert result.parameters == train_model(split, replace(config, epochs=1)).parameters
+
+
+def test_with_dropout_each_member_equals_its_run_alone_through_train_one(split: Split) -> None:
+    """Each member draws its masks from its own stream, as a stack of one does: who trains
+    beside it changes nothing, dropout included."""
+    configs = [
+        replace(c, dropout=p) for c, p in zip(UNLIKE, (0.2, 0.0, 0.3, 0.1, 0.4), strict=True)
+    ]
+    for result, config in zip(trained(train_stacked(split, configs)), configs, strict=True):
+        assert_same_run(result, train_one(split, config), split)
+
+
+def test_members_join_and_leave_at_any_epoch_and_equal_their_runs_alone(split: Split) -> None:
+    """The search's way: members join a trainer epochs apart, are planned into stacks anew as
+    they come and go (moving between stacks with their Adam state), and a callback stops one."""
+    configs = [
+        replace(c, dropout=p) for c, p in zip(UNLIKE, (0.2, 0.0, 0.3, 0.1, 0.4), strict=True)
+    ]
+    trainer = StackedTrainer(split)
+    seen: list[tuple[int, int]] = []
+
+    def watch(key: int) -> Any:
+        def on_epoch(stats: EpochStats) -> bool:
+            seen.append((key, stats.epoch))
+            return key == 4 and stats.epoch == 3  # stop member 4 after its third epoch
+
+        return on_epoch
+
+    outcomes = {}
+    joining = {0: [0], 1: [1, 2], 2: [3, 4]}  # epoch of the trainer -> members that join then
+    epoch = 0
+    while epoch in joining or trainer.active:
+        for key in joining.get(epoch, []):
+            trainer.add(key, configs[key], watch(key))
+        for outcome in trainer.run_epoch():
+            outcomes[outcome.key] = outcome
+        epoch += 1
+    stopped = outcomes[4]
+    assert (stopped.result, stopped.error, stopped.stopped_at) == (None, None, 3)
+    assert [s.epoch for s in stopped.history] == [1, 2, 3]
+    assert [e for k, e in seen if k == 4] == [1, 2, 3]  # nothing after it stopped
+    alone = train_one(split, configs[4])
+    for mine, theirs in zip(stopped.history, alone.history, strict=False):
+        assert mine.val_loss == pytest.approx(theirs.val_loss, rel=1e-6)
+    for key in range(4):
+        result = outcomes[key].result
+        assert result is not None
+        assert_same_run(result, train_one(split, configs[key]), split)
+
+
+def test_members_that_step_together_then_apart_keep_their_own_adam_steps(split: Split) -> None:
+    """Two members of one batch size join a stack of another at the same time: their step counts
+    are equal there, and must stay their own when a plan moves them (a regression)."""
+    configs = [
+        replace(BASE, batch_size=16, hidden_sizes=(64,), learning_rate=0.004, epochs=5),
+        replace(BASE, batch_size=32, learning_rate=0.002, epochs=5),
+        replace(BASE, batch_size=32, learning_rate=0.003, epochs=5, hidden_sizes=(32, 32)),
+    ]
+    plans = iter([[[0, 1, 2]], [[0], [1, 2]], [[0, 1], [2]], [[0, 1, 2]]])
+
+    def plan(configs_now: Any, *_: int) -> list[list[int]]:
+        return next(plans, [list(range(len(configs_now)))])
+
+    trainer = StackedTrainer(split, plan=plan)
+    for key, config in enumerate(configs):
+        trainer.add(key, config)
+    results = {}
+    while trainer.active:
+        trainer._planned = False  # plan anew every epoch
+        for outcome in trainer.run_epoch():
+            results[outcome.key] = outcome.result
+    for key, config in enumerate(configs):
+        result = results[key]
+        assert result is not None
+        assert_same_run(result, train_model(split, config), split)
+
+
+def test_the_plan_stacks_alike_runs_and_keeps_a_wide_one_apart() -> None:
+    small = TrainConfig(batch_size=32, hidden_sizes=(64, 32), dropout=0.1)
+    configs = [
+        small,
+        replace(small, learning_rate=0.01, dropout=0.3),
+        replace(small, hidden_sizes=(48, 32)),
+        replace(small, hidden_sizes=(512, 512, 512)),  # padding the others to it costs more
+    ]
+    plan = plan_stacks(configs, 39, 7000, 1500)
+    assert plan == [[0, 1, 2], [3]]
+    assert plan_stacks(configs, 39, 7000, 1500) == plan  # configurations only: no timings
+    assert stacked.epoch_cost(configs[:3], 39, 7000, 1500) < 3 * stacked.epoch_cost(
+        configs[:1], 39, 7000, 1500
+    )
 
 
 def test_learning_rate_and_dropout_may_differ(split: Split) -> None:
@@ -204,13 +301,13 @@ def test_early_stopped_members_leave_the_stack_with_their_best_weights(
         replace(BASE, learning_rate=0.05, dropout=0.3, epochs=15, patience=2),
     ]
     sizes: list[int] = []
-    step = stacked._Stack.train_step
+    step = stacked._Stack._train_step
 
     def counting_step(self: stacked._Stack, *args: Any, **kwargs: Any) -> None:
         sizes.append(self.k)
         step(self, *args, **kwargs)
 
-    monkeypatch.setattr(stacked._Stack, "train_step", counting_step)
+    monkeypatch.setattr(stacked._Stack, "_train_step", counting_step)
     calls: list[tuple[int, int]] = []
     results = trained(
         train_stacked(split, configs, on_epoch=lambda i, s: calls.append((i, s.epoch)))

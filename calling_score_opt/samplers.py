@@ -110,10 +110,22 @@ def make_sampler(name: str, seed: int) -> BaseSampler:
     return PerTrialSeededSampler(name, seed)
 
 
+#: The median pruner waits for this many complete trials, and this many epochs of each trial.
+MEDIAN_STARTUP_TRIALS = 5
+MEDIAN_WARMUP_EPOCHS = 5
+
+
+def pruner_startup_trials(name: str) -> int:
+    """How many complete trials the pruner ``name`` waits for before it prunes anything."""
+    return MEDIAN_STARTUP_TRIALS if name == "median" else 0
+
+
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     """Median (after 5 trials and 5 epochs), Hyperband over epochs, or none."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=MEDIAN_WARMUP_EPOCHS
+        )
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=3, max_resource=epochs)
     return optuna.pruners.NopPruner()

@@ -6,6 +6,10 @@ study asks for, marked as such (it is never pruned, and a retry after a crash is
 baseline), the sampler never sees test loss, no two trials share a sampler seed (samplers.py),
 and the study runs until it holds N finished (complete or pruned) trials, however often it is
 interrupted and by how many worker processes.
+
+Each worker asks the study for several trials before it tells it about any (TPE's
+``constant_liar`` is made for that) and trains them together as stacks (stacked.py), each trial
+still reporting to Optuna every epoch and leaving its stack when it is pruned or done.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import multiprocessing
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +52,10 @@ from calling_score_opt.study import (
 if TYPE_CHECKING:
     import optuna
     from optuna.artifacts import FileSystemArtifactStore
-    from optuna.trial import TrialState
+    from optuna.trial import FrozenTrial, TrialState
+
+    from calling_score_opt.stacked import MemberOutcome
+    from calling_score_opt.train import EpochStats, TrainResult
 
 OBJECTIVES = ("val_loss", "val_loss,params", "val_loss,latency")
 _FINISHED = ("COMPLETE", "PRUNED")
@@ -177,93 +184,290 @@ def _measure_latency_ms(model: Any, runs: int = 200) -> float:
 
 EpochEvent = Callable[[int, int, int, float], None]  # trial, epoch, max_epochs, val_loss
 
-
-def _run_trial(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    settings: SearchSettings,
-    split: Split,
-    feature_names: tuple[str, ...],
-    store: FileSystemArtifactStore,
-    on_epoch: EpochEvent | None,
-) -> TrialState:
-    """Run one trial; if this worker stalled so long that another failed the trial as stale
-    (and queued it again), give it up quietly: that retry is the trial now. Interrupted, the
-    trial is failed and queued again at once."""
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
-
-    try:
-        return _train_and_tell(study, trial, settings, split, feature_names, store, on_epoch)
-    except UpdateFinishedTrialError:
-        return TrialState.FAIL
-    except KeyboardInterrupt:  # failed now and queued again, not left to the heartbeat
-        fail_interrupted(study, trial_id_of(trial), retry=True)
-        raise
-    except Exception as exc:  # the storage or the disk failed under it: the same, best effort
-        reason = f"stopped by {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        fail_interrupted(study, trial_id_of(trial), retry=True, reason=redact_url(reason))
-        raise
+#: Trials one worker trains at once, as stacks (stacked.py): more share the per-step overhead
+#: but learn less from each other (the sampler and the pruner see fewer finished trials).
+TRIALS_AT_ONCE = 8
 
 
-def _train_and_tell(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    settings: SearchSettings,
-    split: Split,
-    feature_names: tuple[str, ...],
-    store: FileSystemArtifactStore,
-    on_epoch: EpochEvent | None,
-) -> TrialState:
-    """Train one suggested configuration, tell the study how it ended, and return that."""
-    import optuna
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
+@dataclass
+class _Running:
+    """A trial this worker claimed: what it trains, and what it has reported so far."""
 
-    from calling_score_opt.stacked import train_one
-    from calling_score_opt.train import EpochStats, checkpoint_bytes
+    trial: optuna.Trial
+    trial_id: int
+    prunable: bool  # the baseline never is, nor is any trial without a pruner or with 2 objectives
+    history: list[tuple[int, float, float]] = field(default_factory=list)
+    taken_over: bool = False  # another worker failed it as stale: its retry is the trial now
 
-    config = suggest_config(
-        trial, settings.space, settings.epochs, settings.seed, settings.pair_features
-    )
-    trial.set_user_attr("hidden_sizes", list(config.hidden_sizes))
-    trial.set_user_attr("seed", config.seed)
-    # The baseline is what every other trial is measured against: it always runs to the end.
-    prunable = settings.pruner != "none" and trial.user_attrs.get(BASELINE_ATTR) is not True
-    history: list[tuple[int, float, float]] = []
 
-    def report(stats: EpochStats) -> None:
-        history.append((stats.epoch, stats.train_loss, stats.val_loss))
-        if on_epoch is not None:
-            on_epoch(trial.number, stats.epoch, settings.epochs, stats.val_loss)
-        if settings.multi_objective:
-            return  # Optuna cannot prune on one of several objectives
-        trial.report(stats.val_loss, stats.epoch)
-        if prunable and trial.should_prune():  # asking costs a study read
-            trial.set_user_attr("pruned_at_epoch", stats.epoch)
-            raise optuna.TrialPruned(f"pruned at epoch {stats.epoch}")
+class _MedianView:
+    """What the median pruner reads of a study: its complete trials and its direction.
 
-    with beating(storage_of(study), {trial_id_of(trial)}):  # as Optuna's own optimize() does
+    ``trial.should_prune()`` reads the trial and every trial of the study from the storage, for
+    each trial and epoch: with several trials training at once that was a tenth of a search's
+    time. The median pruner (optuna's PercentilePruner) needs only this, so the worker reads it
+    once per epoch of its stacks (and after each trial it completes) and asks the pruner itself.
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        from optuna.trial import TrialState
+
+        self.direction = study.direction
+        self._complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def get_trials(
+        self, deepcopy: bool = False, states: Sequence[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        from optuna.trial import TrialState
+
+        if states is None or tuple(states) != (TrialState.COMPLETE,):
+            raise NotImplementedError("the median pruner reads only the complete trials")
+        return list(self._complete)
+
+
+class _SearchWorker:
+    """One worker's part of a search: it claims trials, trains them stacked, and tells the
+    study how each ended, until the study holds enough finished trials (or time runs out).
+
+    Several trials train at once (up to :data:`TRIALS_AT_ONCE`; while the median pruner still
+    waits for its first complete trials, only as many as it waits for, so that the trials after
+    them are pruned as a one-at-a-time search would prune them). Each reports every epoch to its
+    trial and leaves the stack when the pruner says so; a complete one is stored at once. The
+    steps: :meth:`claim`, :meth:`start`, :meth:`report` (each epoch), :meth:`finish`.
+    """
+
+    def __init__(
+        self,
+        settings: SearchSettings,
+        split: Split,
+        dataset: Dataset,
+        on_epoch: EpochEvent | None,
+        on_trial: Callable[[optuna.Study], None] | None,
+        study: optuna.Study | None = None,
+    ) -> None:
+        from calling_score_opt.samplers import (
+            MEDIAN_WARMUP_EPOCHS,
+            pruner_startup_trials,
+        )
+        from calling_score_opt.stacked import StackedTrainer
+
+        self.settings = settings
+        self.feature_names = dataset.feature_names
+        self.on_epoch = on_epoch
+        self.on_trial = on_trial
+        if study is None:
+            self.study, self.store = _open_search_study(settings, dataset)
+        else:  # opened by run_search in this process: not twice
+            self.study, self.store = study, artifact_store(settings.artifacts)
+        self.storage = storage_of(self.study)
+        self.trainer = StackedTrainer(split, settings.device)
+        self.running: dict[int, _Running] = {}  # by trial number
+        self.beating: set[int] = set()  # the storage ids of the running trials: their heartbeat
+        self.pruning = settings.pruner != "none" and not settings.multi_objective
+        self.startup = pruner_startup_trials(settings.pruner) if self.pruning else 0
+        # The median pruner's view of the study, read once for all the trials that ask it in
+        # an epoch (see _MedianView); other pruners are asked through trial.should_prune().
+        self.median = self.pruning and settings.pruner == "median"
+        self.warmup = MEDIAN_WARMUP_EPOCHS if self.median else 0
+        self.view: _MedianView | None = None
+        # Claiming takes the lock and reads the study: do it when a trial ended here, else at
+        # most once a second (for what other workers finished).
+        self.look_again = True
+        self.look_at = 0.0
+        self.deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
+        self.failures = 0
+
+    def run(self) -> None:
+        """Claim, train and finish trials until the study holds enough; interrupted (Ctrl-C,
+        SIGTERM) or stopped by an error outside the trials, every running trial is failed and
+        queued again at once."""
+        with beating(self.storage, self.beating):  # as Optuna's own optimize() does
+            try:
+                while True:
+                    done = self.claim()
+                    if not self.running:
+                        if done:
+                            return
+                        time.sleep(0.5)  # the last trials run elsewhere; one may still fail
+                        continue
+                    self.view = None  # the pruner reads the study afresh each epoch
+                    for outcome in self.trainer.run_epoch():
+                        self.finish(outcome)
+            except KeyboardInterrupt:  # failed now and queued again, not left to the heartbeat
+                self._release()
+                raise
+            except Exception as exc:  # the storage or the disk failed under them: the same
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                self._release(redact_url(f"stopped by {type(exc).__name__}: {first}"))
+                raise
+
+    def _release(self, reason: str | None = None) -> None:
+        from calling_score_opt.lifeline import interrupts_held
+
+        with interrupts_held(drop=True):  # a second Ctrl-C must not cut this short
+            for running in self.running.values():
+                if reason is None:
+                    fail_interrupted(self.study, running.trial_id, retry=True)
+                else:
+                    fail_interrupted(self.study, running.trial_id, retry=True, reason=reason)
+            self.running.clear()
+
+    def claim(self) -> bool:
+        """Claim trials while this worker has room and the study needs them; True when the
+        study holds enough finished trials (or time is up) and nothing runs here."""
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        from calling_score_opt.lifeline import interrupts_held
+
+        settings = self.settings
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return not self.running  # start no trial after the timeout
+        room = TRIALS_AT_ONCE - len(self.running)
+        if room <= 0 or not (self.look_again or time.monotonic() >= self.look_at):
+            return False
+        self.look_again, self.look_at = False, time.monotonic() + 1.0
+        with (
+            claim_lock(settings.storage, settings.study_name, self.storage),
+            warnings.catch_warnings(),
+        ):
+            # cso records heartbeats itself (study.beating), so Optuna's notes that heartbeats
+            # are experimental and meant for optimize() do not apply.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+            fail_stale_trials(self.study)  # a dead worker's trial: failed, and re-queued
+            trials = self.study.get_trials(deepcopy=False)
+            finished = sum(t.state.name in _FINISHED for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            complete = sum(t.state == TrialState.COMPLETE for t in trials)
+            wanted = settings.trials - finished - running
+            if complete < self.startup:  # the pruner's first trials: no more than it waits for
+                share = -(-self.startup // settings.jobs)  # each local worker its part of them
+                wanted = min(wanted, self.startup - complete - running, share - len(self.running))
+            for _ in range(min(room, wanted)):
+                # Ctrl-C (or a worker's SIGTERM) waits until the new trial is in ``running``,
+                # where the handler finds it: never a RUNNING trial nobody fails.
+                with interrupts_held():
+                    trial = self.study.ask()
+                    trial_id = trial_id_of(trial)
+                    # a trial with no heartbeat at all is never found stale
+                    self.storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
+                    prunable = self.pruning and trial.user_attrs.get(BASELINE_ATTR) is not True
+                    self.running[trial.number] = _Running(trial, trial_id, prunable)
+                    self.beating.add(trial_id)
+                self.start(self.running[trial.number])
+        return not self.running and finished >= settings.trials
+
+    def start(self, running: _Running) -> None:
+        """Suggest the trial's configuration (space.py) and add it to the stacks."""
+        settings, trial = self.settings, running.trial
+        config = suggest_config(
+            trial, settings.space, settings.epochs, settings.seed, settings.pair_features
+        )
+        trial.set_user_attr("hidden_sizes", list(config.hidden_sizes))
+        trial.set_user_attr("seed", config.seed)
         try:
-            result = train_one(split, config, settings.device, report)
-        except optuna.TrialPruned:
-            with contextlib.suppress(OSError):  # the curve is for people; the state matters
-                store_learning_curve(store, trial, history)
-            study.tell(trial, state=TrialState.PRUNED)
-            return TrialState.PRUNED
+            self.trainer.add(trial.number, config, lambda stats: self.report(running, stats))
+        except (TrainingError, RuntimeError, MemoryError) as exc:  # out of memory, say
+            self._tell_failed(running, exc)
+
+    def report(self, running: _Running, stats: EpochStats) -> bool:
+        """One epoch of a running trial, reported to it (the pruner and optuna-dashboard read
+        it); True stops the trial: the pruner says so, or another worker took it over."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        trial = running.trial
+        running.history.append((stats.epoch, stats.train_loss, stats.val_loss))
+        if self.on_epoch is not None:
+            self.on_epoch(trial.number, stats.epoch, self.settings.epochs, stats.val_loss)
+        if self.settings.multi_objective:
+            return False  # Optuna cannot prune on one of several objectives
+        try:
+            trial.report(stats.val_loss, stats.epoch)
+            if running.prunable and stats.epoch >= self.warmup and self._should_prune(running):
+                trial.set_user_attr("pruned_at_epoch", stats.epoch)
+                return True
+        except UpdateFinishedTrialError:  # this worker stalled; another failed it as stale
+            running.taken_over = True
+            return True
+        return False
+
+    def _should_prune(self, running: _Running) -> bool:
+        """The pruner's verdict on the trial's values so far (all reported to it)."""
+        if not self.median:
+            return running.trial.should_prune()  # a study read per trial and epoch
+        import optuna
+
+        if self.view is None:
+            self.view = _MedianView(self.study)
+        reported = {epoch: val for epoch, _, val in running.history}
+        trial = optuna.trial.create_trial(
+            state=optuna.trial.TrialState.RUNNING, intermediate_values=reported
+        )
+        return self.study.pruner.prune(self.view, trial)  # type: ignore[arg-type]
+
+    def finish(self, outcome: MemberOutcome) -> None:
+        """Tell the study how a trial ended (its weights and curve stored first), then count."""
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
+
+        running = self.running.pop(int(outcome.key))  # type: ignore[call-overload]
+        self.beating.discard(running.trial_id)
+        self.look_again = True  # room for another trial, and maybe the pruner has its first
+        try:
+            if running.taken_over:
+                state = TrialState.FAIL  # its retry is the trial now: nothing to tell
+            elif outcome.error is not None:
+                state = self._tell_failed(running, outcome.error)
+            elif outcome.result is None:  # pruned
+                with contextlib.suppress(OSError):  # the curve is for people; the state matters
+                    store_learning_curve(self.store, running.trial, running.history)
+                self.study.tell(running.trial, state=TrialState.PRUNED)
+                state = TrialState.PRUNED
+            else:
+                state = self._tell_complete(running, outcome.result)
         except UpdateFinishedTrialError:
-            raise
-        except (TrainingError, RuntimeError, MemoryError) as exc:  # diverged, out of memory
-            reason = str(exc) if isinstance(exc, CsoError) else f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("error", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            return TrialState.FAIL
+            state = TrialState.FAIL
+        self.failures += state == TrialState.FAIL
+        if self.on_trial is not None:
+            self.on_trial(self.study)
+        if self.failures > max(3, self.settings.trials):
+            raise TrainingError(
+                f"{self.failures} trials failed in this run (see `cso trials`); stopping the search"
+            )
+
+    def _tell_failed(self, running: _Running, exc: BaseException) -> TrialState:
+        from optuna.trial import TrialState
+
+        reason = str(exc) if isinstance(exc, CsoError) else f"{type(exc).__name__}: {exc}"
+        running.trial.set_user_attr("error", reason)
+        self.study.tell(running.trial, state=TrialState.FAIL)
+        self.running.pop(running.trial.number, None)
+        self.beating.discard(running.trial_id)
+        self.look_again = True
+        return TrialState.FAIL
+
+    def _tell_complete(self, running: _Running, result: TrainResult) -> TrialState:
+        """Store a complete trial's metrics, weights and curve, then its value(s)."""
+        from optuna.trial import TrialState
+
+        from calling_score_opt.train import checkpoint_bytes
+
+        trial, settings = running.trial, self.settings
         try:
-            # Test loss is recorded for people; the sampler never sees it.
-            for key, value in result.metrics().items():
+            # Test loss is recorded for people; the sampler never sees it. Like a grid run, a
+            # trial records the most trials it trained beside and those stacks' wall time.
+            wall = result.stack_wall_time_s
+            metrics = {
+                **result.metrics(),
+                "stack_size": result.stack_size,
+                "stack_wall_time_s": result.training_time_s if wall is None else wall,
+            }
+            for key, value in metrics.items():
                 trial.set_user_attr(key, value)
-            store_checkpoint(store, trial, checkpoint_bytes(result, feature_names))
-            store_learning_curve(store, trial, history)
+            store_checkpoint(self.store, trial, checkpoint_bytes(result, self.feature_names))
+            store_learning_curve(self.store, trial, running.history)
             values = [result.val_loss]
             if "params" in settings.objective_names:
                 values.append(float(result.parameters))
@@ -271,14 +475,13 @@ def _train_and_tell(
                 latency = _measure_latency_ms(result.model)
                 trial.set_user_attr("latency_ms", latency)
                 values.append(latency)
-            study.tell(trial, values)
-        except UpdateFinishedTrialError:
-            raise
+            self.study.tell(trial, values)
+            self.view = None  # one more complete trial for the pruner
         except (OSError, RuntimeError, ValueError) as exc:  # a full disk, an onnxruntime error
             trial.set_user_attr("error", f"storing the result failed: {type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL)
             return TrialState.FAIL
-    return TrialState.COMPLETE
+        return TrialState.COMPLETE
 
 
 def _search_loop(
@@ -288,60 +491,10 @@ def _search_loop(
     worker: int,
     on_epoch: EpochEvent | None = None,
     on_trial: Callable[[optuna.Study], None] | None = None,
+    study: optuna.Study | None = None,
 ) -> None:
     """Run trials until the study holds ``settings.trials`` finished ones (or time runs out)."""
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-
-    from calling_score_opt.lifeline import interrupts_held
-
-    study, store = _open_search_study(settings, dataset)
-    storage = storage_of(study)
-    deadline = None if settings.timeout is None else time.monotonic() + settings.timeout
-    failures = 0
-    while deadline is None or time.monotonic() < deadline:
-        trial: optuna.Trial | None = None
-        try:
-            with (
-                claim_lock(settings.storage, settings.study_name, storage),
-                warnings.catch_warnings(),
-            ):
-                # cso records heartbeats itself (study.beating), so Optuna's notes that
-                # heartbeats are experimental and meant for optimize() do not apply.
-                warnings.simplefilter("ignore", ExperimentalWarning)
-                warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-                fail_stale_trials(study)  # a dead worker's trial: failed, and re-queued
-                trials = study.get_trials(deepcopy=False)
-                finished = sum(t.state.name in _FINISHED for t in trials)
-                running = sum(t.state == TrialState.RUNNING for t in trials)
-                if finished >= settings.trials:
-                    return
-                if finished + running < settings.trials:
-                    # Ctrl-C (or a worker's SIGTERM) waits until the new trial is in ``trial``,
-                    # where the handler below finds it: never a RUNNING trial nobody fails.
-                    with interrupts_held():
-                        claimed = study.ask()
-                        # a trial with no heartbeat at all is never found stale
-                        storage.record_heartbeat(trial_id_of(claimed))  # type: ignore[attr-defined]
-                        trial = claimed
-            if trial is None:  # the last trials are running elsewhere; one may still fail
-                time.sleep(0.5)
-                continue
-            state = _run_trial(
-                study, trial, settings, split, dataset.feature_names, store, on_epoch
-            )
-        except KeyboardInterrupt:
-            if trial is not None:  # interrupted before _run_trial took it: failed and queued
-                fail_interrupted(study, trial_id_of(trial), retry=True)
-            raise
-        failures += state == TrialState.FAIL
-        if on_trial is not None:
-            on_trial(study)
-        if failures > max(3, settings.trials):
-            raise TrainingError(
-                f"{failures} trials failed in this run (see `cso trials`); stopping the search"
-            )
+    _SearchWorker(settings, split, dataset, on_epoch, on_trial, study).run()
 
 
 def _worker_process(
@@ -461,7 +614,7 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
         observer.progressed(_finished(current), _best_value(current), _describe_last(current))
 
     if settings.jobs == 1:
-        _search_loop(settings, split, dataset, 0, observer.epoch, progressed)
+        _search_loop(settings, split, dataset, 0, observer.epoch, progressed, study)
     else:
         from calling_score_opt.lifeline import starting_workers, stop_processes
 

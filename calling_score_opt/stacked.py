@@ -265,7 +265,8 @@ def _linear_layers(network: nn.Sequential) -> list[nn.Linear]:
 @dataclass
 class MemberOutcome:
     """How a member left: with its result (it completed), its error (its loss became
-    non-finite), or neither (its epoch callback stopped it after epoch ``stopped_at``).
+    non-finite: a TrainingError; or its stack failed: out of memory, say), or neither (its epoch
+    callback stopped it after epoch ``stopped_at``).
 
     ``training_time_s`` is its share of the stacks' time; ``history`` holds every epoch it ran.
     """
@@ -275,7 +276,7 @@ class MemberOutcome:
     history: list[EpochStats]
     training_time_s: float
     result: TrainResult | None = None
-    error: TrainingError | None = None
+    error: Exception | None = None  # TrainingError, or what failed its whole stack
     stopped_at: int | None = None
 
 
@@ -989,8 +990,12 @@ class StackedTrainer:
     def _epoch(self, stack: _Stack) -> list[MemberOutcome]:
         """One epoch of one stack: train, evaluate, report, and let the finished members go."""
         data = self._data
-        train_losses = stack.train_epoch(data)
-        val_losses = stack.mse(stack.x_val, data.y_val)
+        try:
+            train_losses = stack.train_epoch(data)
+            val_losses = stack.mse(stack.x_val, data.y_val)
+        except (RuntimeError, MemoryError) as exc:  # out of memory, a device fault: this stack
+            self._charge(stack.members, wall=True)
+            return [self._outcome(member, error=exc) for member in stack.members]
         self._charge(stack.members, wall=True)  # this epoch, shared by its members
         outcomes: list[MemberOutcome] = []
         for position, member in enumerate(stack.members):
@@ -1023,7 +1028,7 @@ class StackedTrainer:
         return outcomes
 
     def _outcome(
-        self, member: _Member, error: TrainingError | None = None, stopped_at: int | None = None
+        self, member: _Member, error: Exception | None = None, stopped_at: int | None = None
     ) -> MemberOutcome:
         return MemberOutcome(
             member.key,
@@ -1113,7 +1118,8 @@ def train_stacked(
     for index in range(len(configs)):
         outcome = outcomes[index]
         if outcome.result is None:
-            assert outcome.error is not None
+            if not isinstance(outcome.error, TrainingError):
+                raise outcome.error or RuntimeError("a member stopped without a result")
             finished.append(outcome.error)
             continue
         outcome.result.stack_size = len(configs)

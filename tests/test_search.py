@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from helpers import assert_clean_failure, cso_executable, files_under, write_json
@@ -15,17 +16,22 @@ from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
 import calling_score_opt.stacked as stacked_module
+from calling_score_opt.data import load_dataset, split_dataset
 from calling_score_opt.errors import ConfigError, StudyError, TrainingError
 from calling_score_opt.search import SearchSettings, run_search
 from calling_score_opt.space import GRID_CHOICES, VARIANTS, baseline_params
+from calling_score_opt.stacked import train_one
 from calling_score_opt.study import (
     BASELINE_ATTR,
     CHECKPOINT_FILENAME,
     LEARNING_CURVE_FILENAME,
     artifact_store,
     open_storage,
+    read_checkpoint,
 )
+from calling_score_opt.train import TrainConfig, train_model
 from calling_score_opt.trials import baseline_trial, learning_curve
+from calling_score_opt.weights import read_checkpoint_bytes
 
 EPOCHS = 2
 PRUNE_EPOCHS = 8  # the median pruner waits 5 epochs (and 5 complete trials) before it prunes
@@ -366,23 +372,46 @@ class Killed(BaseException):
 GOOD_FIFTH = _grid(0.005, 16, "256,128", 0.1)
 
 
+def _fail_training(monkeypatch: pytest.MonkeyPatch, exc: BaseException, calls: int = 1) -> None:
+    """The first ``calls`` epochs of training (of whichever trials run) raise ``exc``."""
+    real = stacked_module.StackedTrainer.run_epoch
+    seen: list[int] = []
+
+    def run_epoch(self: stacked_module.StackedTrainer) -> Any:
+        seen.append(1)
+        if len(seen) <= calls:
+            raise exc
+        return real(self)
+
+    monkeypatch.setattr(stacked_module.StackedTrainer, "run_epoch", run_epoch)
+
+
+def _diverge(monkeypatch: pytest.MonkeyPatch, trial_numbers: set[int] | None) -> None:
+    """The training loss of these trials (all: None) becomes NaN in their first epoch, as a
+    diverging run's does: the trainer fails them with its own message."""
+    real = stacked_module._Stack.train_epoch
+
+    def train_epoch(self: stacked_module._Stack, data: Any) -> list[float]:
+        losses = real(self, data)
+        return [
+            math.nan if trial_numbers is None or member.key in trial_numbers else loss
+            for member, loss in zip(self.members, losses, strict=True)
+        ]
+
+    monkeypatch.setattr(stacked_module._Stack, "train_epoch", train_epoch)
+
+
 def test_a_baseline_killed_mid_trial_survives_its_retry_and_is_never_pruned(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CSO_HEARTBEAT_INTERVAL", "1")  # stale after 4 s
-    real = stacked_module.train_one
-    calls: list[int] = []
-
-    def dies_first(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            raise Killed
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(stacked_module, "train_one", dies_first)
+    with monkeypatch.context() as patch:
+        _fail_training(patch, Killed())
+        with pytest.raises(Killed):
+            run_search(
+                settings_in(tmp_path, synth_file, trials=1, space="grid", epochs=PRUNE_EPOCHS)
+            )
     settings = settings_in(tmp_path, synth_file, trials=6, space="grid", epochs=PRUNE_EPOCHS)
-    with pytest.raises(Killed):
-        run_search(settings)
     study = load(settings)
     assert states(study.get_trials()) == ["RUNNING"]
     time.sleep(4.5)  # the heartbeat goes stale; the next run fails the trial and retries it
@@ -408,36 +437,57 @@ def test_a_baseline_killed_mid_trial_survives_its_retry_and_is_never_pruned(
     assert baseline.intermediate_values[at] > median
 
 
-def test_ctrl_c_fails_the_running_trial_at_once_and_queues_it_again(
+def test_ctrl_c_fails_every_running_trial_at_once_and_queues_them_again(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = stacked_module.train_one
-    calls: list[int] = []
-
-    def interrupted_first(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(stacked_module, "train_one", interrupted_first)
     settings = settings_in(tmp_path, synth_file, trials=2)
-    with pytest.raises(KeyboardInterrupt):
-        run_search(settings)
+    with monkeypatch.context() as patch:
+        _fail_training(patch, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            run_search(settings)
     trials = load(settings).get_trials()
-    assert states(trials) == ["FAIL", "WAITING"]  # no RUNNING trial waiting for a heartbeat
-    assert trials[0].user_attrs["error"].startswith("interrupted")
-    assert trials[1].params == BASELINE_CONTINUOUS
-    assert trials[1].user_attrs[BASELINE_ATTR] is True
-    assert "error" not in trials[1].user_attrs
+    # both trials were training (together): both failed, both queued again, none RUNNING
+    assert states(trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert all(t.user_attrs["error"].startswith("interrupted") for t in trials[:2])
+    assert [t.params for t in trials[2:]] == [t.params for t in trials[:2]]
+    assert trials[2].params == BASELINE_CONTINUOUS
+    assert trials[2].user_attrs[BASELINE_ATTR] is True
+    assert all("error" not in t.user_attrs for t in trials[2:])
 
     started = time.monotonic()
     run_search(settings)
     assert time.monotonic() - started < 15  # no wait for a grace period
     trials = load(settings).get_trials()
-    assert states(trials) == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert states(trials) == ["FAIL", "FAIL", "COMPLETE", "COMPLETE"]
     baseline = baseline_trial(load(settings))
-    assert baseline is not None and baseline.number == 1
+    assert baseline is not None and baseline.number == 2
+
+
+def test_every_running_trial_keeps_its_heartbeat(
+    tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several trials train at once: each one's heartbeat goes on while they train, so none of
+    them looks dead to another worker, however long an epoch takes."""
+    from optuna.storages import fail_stale_trials
+
+    monkeypatch.setenv("CSO_HEARTBEAT_INTERVAL", "1")  # stale after 4 s of silence
+    settings = settings_in(tmp_path, synth_file, trials=3)
+    real = stacked_module.StackedTrainer.run_epoch
+    looked: list[list[str]] = []
+
+    def slow_epoch(self: stacked_module.StackedTrainer) -> Any:
+        if not looked:
+            time.sleep(5)  # longer than the grace period
+            other = optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+            with pytest.warns(optuna.exceptions.ExperimentalWarning):
+                fail_stale_trials(other)  # what another worker would do
+            looked.append(states(other.get_trials()))
+        return real(self)
+
+    monkeypatch.setattr(stacked_module.StackedTrainer, "run_epoch", slow_epoch)
+    run_search(settings)
+    assert looked == [["RUNNING"] * 3]  # all three trained at once, none failed as stale
+    assert states(load(settings).get_trials()) == ["COMPLETE"] * 3
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -446,16 +496,7 @@ def test_ctrl_c_fails_the_running_trial_at_once_and_queues_it_again(
 def test_a_failing_trial_is_recorded_and_the_search_still_reaches_n(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = stacked_module.train_one
-    calls: list[float] = []
-
-    def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(config.learning_rate)
-        if len(calls) == 2:  # the first trial after the baseline
-            raise TrainingError("loss became non-finite at epoch 1")
-        return real(split, config, *args, **kwargs)
-
-    monkeypatch.setattr(stacked_module, "train_one", train_model)
+    _diverge(monkeypatch, {1})  # the first trial after the baseline
     settings = settings_in(tmp_path, synth_file, trials=3)
     outcome = run_search(settings)
     assert outcome.finished == 3
@@ -463,22 +504,22 @@ def test_a_failing_trial_is_recorded_and_the_search_still_reaches_n(
     trials = load(settings).get_trials()
     assert states(trials) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     failed = trials[1]
-    assert failed.user_attrs["error"] == "loss became non-finite at epoch 1"
+    assert failed.user_attrs["error"].startswith("loss became non-finite at epoch 1 (train nan")
     assert failed.values is None
     assert get_all_artifact_meta(failed, storage=open_storage(settings.storage)) == []
 
 
-def test_an_unexpected_error_fails_its_trial(
+def test_an_unexpected_error_fails_the_trials_it_hit_and_the_search_goes_on(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = stacked_module.train_one
+    real = stacked_module._Stack.train_epoch
 
-    def train_model(split: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
-        if config.learning_rate == 0.001:
+    def out_of_memory(self: stacked_module._Stack, data: Any) -> list[float]:
+        if any(m.config.learning_rate == 0.001 for m in self.members):  # the baseline's stack
             raise RuntimeError("CUDA out of memory")
-        return real(split, config, *args, **kwargs)
+        return real(self, data)
 
-    monkeypatch.setattr(stacked_module, "train_one", train_model)
+    monkeypatch.setattr(stacked_module._Stack, "train_epoch", out_of_memory)
     settings = settings_in(tmp_path, synth_file, trials=2)
     run_search(settings)
     trials = load(settings).get_trials()
@@ -490,17 +531,71 @@ def test_an_unexpected_error_fails_its_trial(
 def test_a_search_where_every_trial_fails_stops_with_an_error(
     tmp_path: Path, synth_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def train_model(*args: Any, **kwargs: Any) -> Any:
-        raise TrainingError("diverged")
-
-    monkeypatch.setattr(stacked_module, "train_one", train_model)
+    _diverge(monkeypatch, None)
     settings = settings_in(tmp_path, synth_file, trials=1)
     with pytest.raises(TrainingError, match="trials failed in this run"):
         run_search(settings)
     trials = load(settings).get_trials()
     assert trials
     assert all(t.state == TrialState.FAIL for t in trials)
-    assert all(t.user_attrs["error"] == "diverged" for t in trials)
+    assert all(t.user_attrs["error"].startswith("loss became non-finite") for t in trials)
+
+
+# --- stacked trials equal their runs alone -------------------------------------------------
+
+
+def _continuous(lr: float, batch: int, units: tuple[int, ...], dropout: float) -> dict[str, Any]:
+    return {
+        "learning_rate": lr,
+        "batch_size": batch,
+        "n_layers": len(units),
+        **{f"units_l{i}": u for i, u in enumerate(units)},
+        "dropout": dropout,
+        "pair_features": False,
+    }
+
+
+def test_trials_trained_together_equal_their_runs_alone(tmp_path: Path, synth_file: Path) -> None:
+    """A search trains several trials as one stack; each trial's losses, epochs and stored
+    weights are still those of its run alone: with dropout 0 those of train_model (the plain
+    autograd loop), with dropout those of train_one (the same masks)."""
+    settings = settings_in(tmp_path, synth_file, trials=1, epochs=6)
+    run_search(settings)  # the baseline, alone
+    study = load(settings)
+    configs = [
+        _continuous(0.003, 32, (128, 64), 0.0),
+        _continuous(0.002, 32, (96, 40), 0.0),
+        _continuous(0.004, 32, (64,), 0.0),
+        _continuous(0.001, 16, (128, 64, 32), 0.0),
+        _continuous(0.005, 32, (80, 60), 0.25),
+    ]
+    for params in configs:
+        study.enqueue_trial(params)
+    run_search(settings_in(tmp_path, synth_file, trials=6, epochs=6))
+    trials = load(settings).get_trials()[1:]
+    assert states(trials) == ["COMPLETE"] * 5
+    assert max(t.user_attrs["stack_size"] for t in trials) > 1, "precondition: stacked"
+    split = split_dataset(load_dataset(synth_file), settings.seed)
+    store, storage = artifact_store(settings.artifacts), open_storage(settings.storage)
+    for trial in trials:
+        config = TrainConfig(
+            learning_rate=trial.params["learning_rate"],
+            batch_size=trial.params["batch_size"],
+            hidden_sizes=tuple(trial.user_attrs["hidden_sizes"]),
+            dropout=trial.params["dropout"],
+            epochs=6,
+        )
+        alone = train_model(split, config) if config.dropout == 0 else train_one(split, config)
+        attrs = trial.user_attrs
+        assert (attrs["best_epoch"], attrs["epochs_run"]) == (alone.best_epoch, alone.epochs_run)
+        for name in ("val_loss", "test_loss", "train_loss"):
+            assert attrs[name] == pytest.approx(getattr(alone, name), rel=1e-5), name
+        for stats in alone.history:
+            assert trial.intermediate_values[stats.epoch] == pytest.approx(stats.val_loss, rel=1e-6)
+        weights = read_checkpoint_bytes(read_checkpoint(store, storage, trial)).weights
+        np.testing.assert_allclose(
+            weights.predict(split.x_test), alone.predict(split.x_test), rtol=0, atol=1e-5
+        )
 
 
 # --- several objectives --------------------------------------------------------------------
@@ -753,8 +848,8 @@ def test_a_storage_error_mid_trial_fails_the_trial_at_once_and_queues_it_again(
     with pytest.raises(StorageInternalError):
         run_search(settings)
     trials = load(settings).get_trials()
-    assert states(trials) == ["FAIL", "WAITING"]
-    assert (
-        trials[0].user_attrs["error"] == "stopped by StorageInternalError: the database went away"
-    )
-    assert trials[1].user_attrs[BASELINE_ATTR] is True  # the retry is still the baseline
+    assert states(trials) == ["FAIL", "FAIL", "WAITING", "WAITING"]  # both that were training
+    for trial in trials[:2]:
+        error = trial.user_attrs["error"]
+        assert error == "stopped by StorageInternalError: the database went away"
+    assert trials[2].user_attrs[BASELINE_ATTR] is True  # the retry is still the baseline

@@ -842,8 +842,9 @@ def data_check(
         constant = report.constant_values
         console.print(
             f"[yellow]Constant inputs ({len(report.constant_features)}):[/] a model never learns "
-            "these inputs: cso zeroes their first-layer weights at export, so whatever the app "
-            "sends there is ignored",
+            "these inputs: its exported ONNX ignores them (first-layer weights zeroed, the input "
+            "held at this value), so whatever the app sends there changes no score. (Export "
+            "does the same for any input constant in the training split alone.)",
             highlight=False,
             soft_wrap=True,
         )

@@ -8,6 +8,7 @@ record's inputs come from :func:`fill_features`, which the app's test vectors us
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -68,6 +69,9 @@ FEATURE_NAMES: tuple[str, ...] = tuple(f"{g}.{n}" for g, names in FEATURE_GROUPS
 _GROUP_NAME_SETS = {group: frozenset(names) for group, names in FEATURE_GROUPS}
 N_FEATURES = len(FEATURE_NAMES)
 MISSING_FEATURE_VALUE = 0.5
+#: A training column whose standard deviation is below this is constant: scaled, it is 0 in
+#: every training record, so a model never learns what the input means (see split_dataset).
+CONSTANT_FEATURE_STD = 1e-6
 SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 MIN_RECORDS = 20  # below this a 70/15/15 split leaves fewer than 3 records to validate or test on
 #: Labels whose standard deviation is below this are refused: they teach a model nothing. A label
@@ -135,6 +139,8 @@ class Split:
     x_test: Array
     y_test: Array
     seed: int
+    #: Inputs constant in the training split, held at their training value in all three.
+    pinned: tuple[int, ...] = ()
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -152,7 +158,7 @@ class Scaling:
     def fit(cls, x_train: Array) -> Scaling:
         mean = x_train.mean(axis=0, dtype=np.float64)
         std = x_train.std(axis=0, dtype=np.float64)
-        std[std < 1e-6] = 1.0  # a constant feature is passed through centred, not divided by 0
+        std[std < CONSTANT_FEATURE_STD] = 1.0  # a constant feature: centred, not divided by 0
         return cls(mean=mean.astype(np.float32), std=std.astype(np.float32))
 
 
@@ -549,13 +555,18 @@ def _refuse_unscalable(dataset: Dataset) -> None:
     )
 
 
+#: Part of the parsed-data cache's key: bump it whenever the loading rules change, so that no
+#: cached parse made under the old rules is read (the cso version is in the key too).
+PARSE_RULES_VERSION = 2
+#: Cached parses kept per folder (the most recently written); older ones are removed.
+CACHED_PARSES_KEPT = 3
+
+
 def _cache_file(cache_dir: Path, fingerprint: str, target: str | None) -> Path:
     from calling_score_opt import __version__
 
-    # The cso version is part of the key: a release that loads files differently never
-    # reads what an earlier one cached.
-    key = hashlib.sha256(f"{fingerprint}|{target}|{__version__}".encode()).hexdigest()
-    return cache_dir / f"parsed-data-{key[:32]}.npz"
+    key = f"{fingerprint}|{target}|{__version__}|{PARSE_RULES_VERSION}"
+    return cache_dir / f"parsed-data-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
 
 
 def _read_cache(file: Path, path: Path, fingerprint: str) -> Dataset | None:
@@ -608,6 +619,11 @@ def _write_cache(file: Path, dataset: Dataset) -> None:
             )
     except (OSError, TypeError, ValueError):  # a full disk or read-only folder: no cache
         return
+    with contextlib.suppress(OSError):  # keep the folder small: the newest few parses
+        older = sorted(file.parent.glob("parsed-data-*.npz"), key=lambda f: f.stat().st_mtime)
+        for stale in older[:-CACHED_PARSES_KEPT]:
+            if stale != file:
+                stale.unlink(missing_ok=True)
 
 
 def load_dataset(path: Path, target: str | None = None, cache_dir: Path | None = None) -> Dataset:
@@ -648,22 +664,50 @@ def load_dataset(path: Path, target: str | None = None, cache_dir: Path | None =
     return dataset
 
 
+def constant_columns(x: Array) -> tuple[int, ...]:
+    """Columns of ``x`` whose standard deviation is below ``CONSTANT_FEATURE_STD``."""
+    std = np.asarray(x, np.float32).std(axis=0, dtype=np.float64)
+    return tuple(int(i) for i in np.flatnonzero(std < CONSTANT_FEATURE_STD))
+
+
+def pinned_values(x_train: Array, columns: tuple[int, ...]) -> Array:
+    """The value each pinned column is held at: its training mean, as the scaling computes it
+    (so the scaled input is exactly 0 there)."""
+    values: Array = x_train[:, list(columns)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return values
+
+
 def split_dataset(dataset: Dataset, seed: int) -> Split:
-    """Shuffle with ``seed`` and cut 70/15/15 (the same seed always gives the same split)."""
+    """Shuffle with ``seed`` and cut 70/15/15 (the same seed always gives the same split).
+
+    An input the training split holds constant (older app exports hold several at 0.5) is one
+    no model trained on it can learn: the exported model ignores it (export.py pins it to its
+    training value), so all three splits hold it at exactly that value (the training mean; a
+    column constant to within ``CONSTANT_FEATURE_STD`` becomes exactly constant). Every loss
+    and comparison cso reports is then the exported model's on these records.
+    """
     n = dataset.n_records
     order = np.random.default_rng(seed).permutation(n)
     n_val = round(n * SPLIT_FRACTIONS[1])
     n_test = round(n * SPLIT_FRACTIONS[2])
     train, val, test = np.split(order, [n - n_val - n_test, n - n_test])
     x, y = dataset.features, dataset.labels
+    x_train, x_val, x_test = x[train], x[val], x[test]
+    pinned = constant_columns(x_train)
+    if pinned:
+        columns = list(pinned)
+        values = pinned_values(x_train, pinned)
+        for part in (x_train, x_val, x_test):  # copies (fancy indexing): the dataset is kept
+            part[:, columns] = values
     return Split(
-        x_train=x[train],
+        x_train=x_train,
         y_train=y[train],
-        x_val=x[val],
+        x_val=x_val,
         y_val=y[val],
-        x_test=x[test],
+        x_test=x_test,
         y_test=y[test],
         seed=seed,
+        pinned=pinned,
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from calling_score_opt import onnx_proto
 from calling_score_opt.atomic import atomic_path
-from calling_score_opt.data import Array
+from calling_score_opt.data import Array, constant_columns, pinned_values
 from calling_score_opt.errors import ExportError
 from calling_score_opt.weights import (
     N_VIBE_DIMENSIONS,
@@ -45,7 +45,7 @@ NEVER_LEARNED_KEY = "never_learned_inputs"
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What an export wrote and how closely onnxruntime reproduces PyTorch."""
+    """What an export wrote and how closely onnxruntime reproduces the NumPy forward pass."""
 
     path: Path
     size_bytes: int
@@ -185,7 +185,16 @@ def _mlp_graph(
         tensor("squeeze_axes", np.array([1], dtype=np.int64)),
     ]
     nodes: list[onnx_proto.Node] = []
-    features = INPUT_NAME
+    raw = INPUT_NAME
+    if weights.pins is not None:  # inputs held at their training value: x * keep + fill
+        keep, fill = weights.pins
+        initializers += [tensor("pin_keep", keep), tensor("pin_fill", fill)]
+        nodes += [
+            Node("Mul", [INPUT_NAME, p("pin_keep")], p("kept")),
+            Node("Add", [p("kept"), p("pin_fill")], p("pinned")),
+        ]
+        raw = p("pinned")
+    features = raw
     if weights.pair_features:  # |user - spot| per vibe dimension, appended to the raw input
         n = N_VIBE_DIMENSIONS
         initializers += [
@@ -199,18 +208,14 @@ def _mlp_graph(
         ]
         nodes += [
             Node(
-                "Slice",
-                [INPUT_NAME, p("user_start"), p("spot_start"), p("feature_axis")],
-                p("user_vibes"),
+                "Slice", [raw, p("user_start"), p("spot_start"), p("feature_axis")], p("user_vibes")
             ),
             Node(
-                "Slice",
-                [INPUT_NAME, p("spot_start"), p("spot_end"), p("feature_axis")],
-                p("spot_vibes"),
+                "Slice", [raw, p("spot_start"), p("spot_end"), p("feature_axis")], p("spot_vibes")
             ),
             Node("Sub", [p("user_vibes"), p("spot_vibes")], p("vibe_diff")),
             Node("Abs", [p("vibe_diff")], p("vibe_pairs")),
-            Node("Concat", [INPUT_NAME, p("vibe_pairs")], p("features"), {"axis": 1}),
+            Node("Concat", [raw, p("vibe_pairs")], p("features"), {"axis": 1}),
         ]
         features = p("features")
     nodes += [
@@ -294,15 +299,25 @@ def onnx_bytes(
 
 
 def without_unlearned_inputs(weights: Weights, x_train: Array) -> tuple[Weights, list[int]]:
-    """``weights`` with the first-layer weights of inputs constant in ``x_train`` zeroed, and
-    those raw input columns (see :meth:`weights.MlpWeights.ignoring` for why)."""
-    raw = list(never_learned_columns(x_train))
+    """``weights`` that ignore the inputs ``x_train`` holds constant, and those raw columns.
+
+    A constant training input reaches the network as 0 in every training record, so its
+    first-layer weights keep their random initial values: they are zeroed (see
+    :meth:`weights.MlpWeights.ignoring`). With pair features the input is also pinned to its
+    training value, so that it cannot reach the network through ``|user - spot|`` either. On
+    inputs like the training data nothing changes.
+    """
+    raw = constant_columns(x_train)
+    values = pinned_values(x_train, raw)
+
+    def member(m: MlpWeights) -> MlpWeights:
+        ignoring = m.ignoring(never_learned_columns(x_train, m.pair_features))
+        return ignoring.pinning(raw, values) if m.pair_features else ignoring
+
     if isinstance(weights, EnsembleWeights):
-        members = tuple(
-            m.ignoring(never_learned_columns(x_train, m.pair_features)) for m in weights.members
-        )
-        return EnsembleWeights(members, weights.weights), raw
-    return weights.ignoring(never_learned_columns(x_train, weights.pair_features)), raw
+        members = tuple(member(m) for m in weights.members)
+        return EnsembleWeights(members, weights.weights), list(raw)
+    return member(weights), list(raw)
 
 
 def export_onnx(

@@ -204,7 +204,10 @@ def _text(data: memoryview, number: int) -> str:
 
 def _integer(data: memoryview, number: int) -> int | None:
     found = [v for n, w, v in _fields(data) if n == number and isinstance(v, int)]
-    return found[-1] if found else None
+    if not found:
+        return None
+    value = found[-1]
+    return value - (1 << 64) if value >= 1 << 63 else value  # int64: two's complement
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,11 @@ import numpy as np
 import numpy.typing as npt
 
 from calling_score_opt.config import TrainConfig
-from calling_score_opt.data import Array
+from calling_score_opt.data import Array, constant_columns
 from calling_score_opt.errors import TrainingError
 
 CHECKPOINT_FORMAT = "cso-checkpoint/2"
 LEGACY_CHECKPOINT_FORMAT = "cso-checkpoint/1"  # torch.save of the same content (cso <= 0.x)
-#: A training column whose standard deviation is below this is constant: the model's scaling
-#: passes it through centred (data.Scaling.fit), so it only ever sees 0 there and never learns it.
-CONSTANT_FEATURE_STD = 1e-6
 
 #: pair_features: |user - spot| for each of the 12 vibe dimensions (columns 0-11 vs 12-23), the
 #: differences the app's own formula scores compatibility from.
@@ -65,6 +62,9 @@ class MlpWeights:
     feature_std: Array
     layers: tuple[Layer, ...]
     pair_features: bool = False
+    #: Raw inputs held at a fixed value whatever is fed (see :meth:`pinning`): (keep, fill),
+    #: the input becomes ``x * keep + fill``; None: every input is used as fed.
+    pins: tuple[Array, Array] | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -79,6 +79,9 @@ class MlpWeights:
     def scaled(self, x: Array) -> Array:
         """The network's input: raw features (plus pair features), standardised."""
         x = np.ascontiguousarray(x, np.float32)
+        if self.pins is not None:
+            keep, fill = self.pins
+            x = x * keep + fill
         if self.pair_features:
             x = add_pair_features(x)
         out: Array = (x - self.feature_mean) / self.feature_std
@@ -92,6 +95,18 @@ class MlpWeights:
             h = _sigmoid(h) if index == len(self.layers) - 1 else np.maximum(h, 0, dtype=np.float32)
         scores: Array = h[:, 0]
         return scores
+
+    def pinning(self, columns: Sequence[int], values: Array) -> MlpWeights:
+        """These weights with raw inputs ``columns`` held at ``values`` whatever is fed.
+
+        What zeroing first-layer weights (:meth:`ignoring`) cannot do alone when the network
+        also sees ``|user - spot|`` differences: a pinned vibe input must not reach those either.
+        """
+        keep = np.ones(self.n_inputs, np.float32)
+        fill = np.zeros(self.n_inputs, np.float32)
+        keep[list(columns)] = 0.0
+        fill[list(columns)] = values
+        return replace(self, pins=(keep, fill)) if columns else self
 
     def ignoring(self, columns: Sequence[int]) -> MlpWeights:
         """These weights with the first layer's weights from network inputs ``columns`` zeroed.
@@ -153,10 +168,7 @@ def never_learned_columns(x_train: Array, pair_features: bool = False) -> tuple[
     """Network inputs the training split holds constant (with pair features: of the widened
     input), which a model trained on it never learns."""
     x = np.asarray(x_train, np.float32)
-    if pair_features:
-        x = add_pair_features(x)
-    std = x.std(axis=0, dtype=np.float64)
-    return tuple(int(i) for i in np.flatnonzero(std < CONSTANT_FEATURE_STD))
+    return constant_columns(add_pair_features(x) if pair_features else x)
 
 
 @dataclass(frozen=True)

@@ -210,9 +210,9 @@ def test_data_check_shows_defaulted_and_constant_features(run_cli: RunCli, tmp_p
         "context_feature_8 (30 records), context_feature_9 (30 records)\n"
     ) in out
     assert "  timing_features: timing_feature_5 (30 records)\n" in out
-    assert "Constant inputs (5): a model never learns these inputs: cso zeroes their " in out
+    assert "Constant inputs (5): a model never learns these inputs: its exported ONNX " in out
     constant = out.split("Constant inputs")[1]
-    assert "so whatever the app sends there is ignored" in constant
+    assert "so whatever the app sends there changes no score" in constant
     assert "context_features.novelty_match (always 0.5)" in constant
     assert "OK" in out
 

@@ -1051,3 +1051,16 @@ def test_a_damaged_or_unwritable_cache_only_costs_time(tmp_path: Path) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     np.testing.assert_array_equal(load_dataset(path, cache_dir=blocked).labels, expected.labels)
+
+
+def test_the_cache_keeps_only_the_newest_parses(tmp_path: Path) -> None:
+    from calling_score_opt.data import CACHED_PARSES_KEPT
+
+    cache = tmp_path / "cache"
+    for version in range(CACHED_PARSES_KEPT + 2):
+        records = make_records(30)
+        records[0]["outcome_score"] = version / 10
+        load_dataset(write_json(tmp_path / "d.json", records), cache_dir=cache)
+    assert len(list(cache.glob("parsed-data-*.npz"))) == CACHED_PARSES_KEPT
+    newest = (CACHED_PARSES_KEPT + 1) / 10
+    assert load_dataset(tmp_path / "d.json", cache_dir=cache).labels[0] == pytest.approx(newest)

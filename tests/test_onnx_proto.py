@@ -127,3 +127,15 @@ def test_a_damaged_model_is_a_contract_problem_not_a_crash(
     path.write_bytes(bytes(damaged))
     problems = contract_problems(path, 39)  # any list of strings; never an exception
     assert all(isinstance(p, str) for p in problems)
+
+
+def test_negative_dims_read_as_negative() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 39])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 39])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    summary = onnx_proto.read_summary(model.SerializeToString())
+    assert summary.inputs[0].dims == (-1, 39)

@@ -369,3 +369,11 @@ def test_trial_and_ensemble_registrations_are_checked_and_leave_nothing_behind(
         assert REGISTRY.read_bytes() == before
         assert sorted(p.name for p in (versions_dir / "calling_score").iterdir()) == ["ens"]
         assert [p.name for p in versions_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_stated_hash_does_not_hide_reordered_names(active: Path, tmp_path: Path) -> None:
+    """Metadata edited to reorder the inputs but keep the active version's hash is refused."""
+    model = _model(tmp_path / "model.onnx", SWAPPED, spec_hash=SPEC)
+    before = active.read_bytes()
+    assert_clean_failure(_register("v2", model), "takes its 39 inputs in another order")
+    assert active.read_bytes() == before

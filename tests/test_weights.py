@@ -236,3 +236,59 @@ def test_commands_that_train_nothing_never_import_pytorch_or_onnx(
         )  # fmt: skip
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         assert "HEAVY=\n" in done.stderr, (command, done.stderr)
+
+
+def test_a_pair_feature_model_ignores_a_never_learned_vibe_input_entirely(
+    constant_context: Split, tmp_path: Path
+) -> None:
+    """Zeroing the input's own weights is not enough when |user - spot| also reaches the
+    network: the exported graph pins the input to its training value first."""
+    x_train = constant_context.x_train.copy()
+    x_train[:, 0] = 0.5  # user exploration_eagerness, constant in training
+    split = replace(constant_context, x_train=x_train)
+    result = train_model(split, TrainConfig(epochs=2, hidden_sizes=(16,), pair_features=True))
+    report = export_onnx(
+        result.model, tmp_path / "pairs.onnx", split.x_test, {"feature_names": list(FEATURE_NAMES)},
+        x_train=split.x_train,
+    )  # fmt: skip
+    assert json.loads(read_metadata(report.path)[NEVER_LEARNED_KEY])[0] == FEATURE_NAMES[0]
+    like_training = split.x_test.copy()
+    like_training[:, [0, 30, 38]] = 0.5
+    live = like_training.copy()
+    live[:, 0] = np.linspace(0, 1, len(live), dtype=np.float32)
+    np.testing.assert_allclose(
+        onnx_predict(report.path, live), onnx_predict(report.path, like_training), atol=1e-6
+    )
+    trained = weights_of(result.model)
+    np.testing.assert_allclose(
+        onnx_predict(report.path, like_training), trained.predict(like_training), atol=1e-6
+    )
+
+
+def test_reported_losses_are_the_exported_models_even_where_test_records_vary(
+    tmp_path: Path,
+) -> None:
+    """An input constant in the training split but not in the test split: the split holds it
+    at its training value, so the losses cso reports are the shipped model's on raw records."""
+    from helpers import make_records, write_json
+
+    from calling_score_opt.data import load_dataset, split_dataset
+
+    records = make_records(200, value=lambda i, c: i / 1000 if c == 0 else ((i + c) % 7) / 6)
+    for record in records:
+        record["context_features"]["energy_match"] = 0.5
+    dataset = load_dataset(write_json(tmp_path / "d.json", records))
+    ids = split_dataset(dataset, 0).x_test[:3, 0]  # column 0 names the record: i / 1000
+    features = dataset.features.copy()
+    rows = [round(float(v) * 1000) for v in ids]
+    features[rows, 31] = [0.1, 0.9, 0.7]  # live values in three test records only
+    varied = replace(dataset, features=features)
+    split = split_dataset(varied, 0)
+    assert 31 in split.pinned
+    assert np.all(split.x_test[:, 31] == 0.5) and np.all(split.x_val[:, 31] == 0.5)
+    assert varied.features[rows, 31].tolist() == pytest.approx([0.1, 0.9, 0.7])  # file kept
+    result = train_model(split, TrainConfig(epochs=2, hidden_sizes=(8,)))
+    report = export_onnx(result.model, tmp_path / "m.onnx", split.x_test, {}, x_train=split.x_train)
+    test_ids = [round(float(v) * 1000) for v in split.x_test[:, 0]]
+    shipped = onnx_predict(report.path, varied.features[test_ids])  # the raw records
+    np.testing.assert_allclose(shipped, result.predict(split.x_test), atol=1e-6)

@@ -88,7 +88,7 @@ def check_feature_spec(
         if reason is None:
             raise
         active_spec = FeatureSpec(active.feature_spec_hash, None)  # as recorded, if it was
-    if candidate.known and active_spec.known and candidate.hash == active_spec.hash:
+    if _same(candidate, active_spec):
         return None
     if reason is None:
         raise RegistryError(
@@ -103,6 +103,14 @@ def check_feature_spec(
         "from": active_spec.hash,
         "to": candidate.hash,
     }
+
+
+def _same(candidate: FeatureSpec, active: FeatureSpec) -> bool:
+    """Both specs known and equal; where both name their inputs, the names must agree too
+    (a stated hash is only what the metadata says: edited metadata could keep an old one)."""
+    if not (candidate.known and active.known and candidate.hash == active.hash):
+        return False
+    return candidate.names is None or active.names is None or candidate.names == active.names
 
 
 def _active_spec(active: ModelVersion, model_name: str) -> FeatureSpec:

@@ -178,7 +178,7 @@ def inspect_model(model_path: Path, model_type: str) -> InspectedModel:
             training_metrics["improvement_vs_baseline"] = improvement  # percent, as the guide
         if isinstance(entry.get("parity_max_abs_diff"), int | float):
             parity["export_max_abs_diff"] = entry["parity_max_abs_diff"]
-            parity["export_checked_against"] = "PyTorch on the test split (cso export check)"
+            parity["export_checked_against"] = PARITY_REFERENCE
     if file_sha256(model_path) != sha256:
         raise RegistryError(f"{model_path}: changed while it was being checked; run it again")
     mtime = datetime.fromtimestamp(model_path.stat().st_mtime, UTC)
@@ -191,6 +191,10 @@ def inspect_model(model_path: Path, model_type: str) -> InspectedModel:
         trained_date=mtime.isoformat(timespec="seconds"),
         variant=variant,
     )
+
+
+#: What an export's parity figure compares onnxruntime with (recorded with each version).
+PARITY_REFERENCE = "the NumPy forward pass of the same weights on the test split (cso export check)"
 
 
 def _input_width(model_path: Path) -> int:

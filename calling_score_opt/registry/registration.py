@@ -22,6 +22,7 @@ from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.registry.featurespec import check_feature_spec, feature_spec
 from calling_score_opt.registry.fileformat import load_registry
 from calling_score_opt.registry.inspection import (
+    PARITY_REFERENCE,
     InspectedModel,
     default_description,
     inspect_model,
@@ -324,7 +325,7 @@ def _register_from_study(
         parity = {
             **inspected.parity,
             "export_max_abs_diff": entry["parity_max_abs_diff"],
-            "export_checked_against": "PyTorch on the test split (cso export check)",
+            "export_checked_against": PARITY_REFERENCE,
         }
         inspected = InspectedModel(
             path=inspected.path,

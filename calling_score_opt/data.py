@@ -626,6 +626,15 @@ def _write_cache(file: Path, dataset: Dataset) -> None:
                 stale.unlink(missing_ok=True)
 
 
+def remember_parse(dataset: Dataset, target: str | None, cache_dir: Path) -> None:
+    """Keep ``dataset`` (loaded with ``target``) in ``cache_dir`` for later ``load_dataset``
+    calls with that folder, unless it is there already. For commands that must not write
+    anything before their options are checked: they load without a cache, then call this."""
+    file = _cache_file(cache_dir, dataset.fingerprint, target)
+    if not file.exists():
+        _write_cache(file, dataset)
+
+
 def load_dataset(path: Path, target: str | None = None, cache_dir: Path | None = None) -> Dataset:
     """Load the app's JSON export, or a CSV whose ``target`` column is the label.
 

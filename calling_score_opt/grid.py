@@ -28,6 +28,7 @@ from calling_score_opt.data import (
     Dataset,
     Split,
     load_dataset,
+    remember_parse,
     require_trainable,
     split_dataset,
 )
@@ -46,6 +47,7 @@ from calling_score_opt.space import BASELINE_NAME, VARIANTS, Variant, grid_distr
 from calling_score_opt.stats import Improvement, paired_bootstrap_improvement
 from calling_score_opt.study import (
     BASELINE_ATTR,
+    DATA_CACHE_DIR,
     StudyLocation,
     artifact_store,
     beating,
@@ -644,6 +646,7 @@ def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> Gr
     storage = open_storage(settings.storage, heartbeat=True, retry_stale=False)
     study = _open_grid_study(storage, settings, dataset)
     store = artifact_store(settings.artifacts)
+    remember_parse(dataset, settings.target, settings.artifacts / DATA_CACHE_DIR)  # for export
     setup_s = time.perf_counter() - t0  # opening (on a new database: creating) the study
     grid = _GridRun(settings, observer or GridObserver(), dataset, split, storage, study, store)
     grid.run()

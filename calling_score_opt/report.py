@@ -27,9 +27,8 @@ from calling_score_opt import __version__
 from calling_score_opt.atomic import write_text_atomic
 from calling_score_opt.errors import ConfigError, CsoError, StudyError
 from calling_score_opt.stats import paired_bootstrap_improvement
-from calling_score_opt.study import ENSEMBLE_STEM, redact_url, storage_of
+from calling_score_opt.study import DATA_CACHE_DIR, ENSEMBLE_STEM, redact_url, storage_of
 from calling_score_opt.trials import (
-    DATA_CACHE_DIR,
     baseline_trial,
     is_baseline,
     learning_curve,

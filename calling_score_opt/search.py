@@ -26,13 +26,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from calling_score_opt.atomic import check_output_dir
-from calling_score_opt.data import Dataset, Split, load_dataset, require_trainable, split_dataset
+from calling_score_opt.data import (
+    Dataset,
+    Split,
+    load_dataset,
+    remember_parse,
+    require_trainable,
+    split_dataset,
+)
 from calling_score_opt.errors import ConfigError, CsoError, StudyError, TrainingError
-from calling_score_opt.model import check_pair_features
 from calling_score_opt.samplers import PRUNERS, SAMPLERS, make_pruner, make_sampler
 from calling_score_opt.space import PAIR_FEATURES_MODES, SPACES, baseline_params, suggest_config
 from calling_score_opt.study import (
     BASELINE_ATTR,
+    DATA_CACHE_DIR,
     StudyLocation,
     artifact_store,
     beating,
@@ -288,7 +295,7 @@ class _SearchWorker:
                     if not self.running:
                         if done:
                             return
-                        time.sleep(0.5)  # the last trials run elsewhere; one may still fail
+                        time.sleep(0.2)  # the last trials run elsewhere; one may still fail
                         continue
                     self.view = None  # the pruner reads the study afresh each epoch
                     for outcome in self.trainer.run_epoch():
@@ -327,7 +334,9 @@ class _SearchWorker:
         room = TRIALS_AT_ONCE - len(self.running)
         if room <= 0 or not (self.look_again or time.monotonic() >= self.look_at):
             return False
-        self.look_again, self.look_at = False, time.monotonic() + 1.0
+        # idle, look often: the study may be done (or a trial free) any moment now
+        self.look_again = False
+        self.look_at = time.monotonic() + (0.2 if not self.running else 1.0)
         with (
             claim_lock(settings.storage, settings.study_name, self.storage),
             warnings.catch_warnings(),
@@ -342,9 +351,13 @@ class _SearchWorker:
             running = sum(t.state == TrialState.RUNNING for t in trials)
             complete = sum(t.state == TrialState.COMPLETE for t in trials)
             wanted = settings.trials - finished - running
+            # each of this machine's workers its part of what is left, so that none waits
+            # while another trains more than its share
+            share = -(-(settings.trials - finished) // settings.jobs) - len(self.running)
             if complete < self.startup:  # the pruner's first trials: no more than it waits for
-                share = -(-self.startup // settings.jobs)  # each local worker its part of them
-                wanted = min(wanted, self.startup - complete - running, share - len(self.running))
+                share = -(-self.startup // settings.jobs) - len(self.running)
+                wanted = min(wanted, self.startup - complete - running)
+            wanted = min(wanted, share)
             for _ in range(min(room, wanted)):
                 # Ctrl-C (or a worker's SIGTERM) waits until the new trial is in ``running``,
                 # where the handler finds it: never a RUNNING trial nobody fails.
@@ -497,20 +510,18 @@ def _search_loop(
     _SearchWorker(settings, split, dataset, on_epoch, on_trial, study).run()
 
 
-def _worker_process(
-    settings: SearchSettings,
-    split: Split,
-    dataset: Dataset,
-    worker: int,
-    errors: Any = None,
-) -> None:
+def _worker_process(worker: int, inbox: Any, errors: Any = None) -> None:
     """One search worker (a process of ``run_search``): trials until the study holds enough.
 
-    It ends with its parent (``kill -9`` of cso), leaves Ctrl-C to the main process, and stops
-    on its SIGTERM: the running trial is failed and queued again, and it exits 130 without a
-    word. A failure it expects (cso's own, a file's, the database's) goes to ``errors`` (a
-    queue the main process reads) as one line; anything else, too, with its type.
+    It starts before the main process has read the data: it imports PyTorch and Optuna
+    meanwhile (seconds, on the other core), then takes the settings, split and dataset from
+    ``inbox`` (None: nothing to do). It ends with its parent (``kill -9`` of cso), leaves Ctrl-C
+    to the main process, and stops on its SIGTERM: its running trials are failed and queued
+    again, and it exits 130 without a word. A failure it expects (cso's own, a file's, the
+    database's) goes to ``errors`` (a queue the main process reads) as one line; anything else,
+    too, with its type.
     """
+    import os
     import sys
 
     from calling_score_opt.lifeline import exit_with_parent, worker_signals
@@ -520,8 +531,19 @@ def _worker_process(
     try:
         import torch
 
+        import calling_score_opt.stacked  # noqa: F401  (imported while the data is read)
+
         torch.set_num_threads(1)
+        work = inbox.get()
+        if work is None:
+            return
+        settings, split, dataset = work
         _search_loop(settings, split, dataset, worker)
+        # Everything is stored: skip the interpreter's clean-up, half a second with PyTorch
+        # loaded, which the main process (and the user) would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except KeyboardInterrupt:  # stopped by the main process, which tells the user
         sys.exit(130)
     except Exception as exc:
@@ -580,6 +602,40 @@ def _describe_last(study: optuna.Study) -> str:
     return f"trial {last.number} {state}"
 
 
+def _prepare(settings: SearchSettings) -> tuple[SearchSettings, Dataset, Split]:
+    """The data, checked and split, and the settings it allows (no pair features on data
+    without the app's features, unless asked for: then an error). No PyTorch here: with
+    several workers, this process only reads the data and watches."""
+    from calling_score_opt.data import FEATURE_NAMES
+
+    dataset = require_trainable(load_dataset(settings.data_path, settings.target))
+    # pair features need the app's 39 inputs (model.check_pair_features says so when asked)
+    if settings.pair_features != "off" and tuple(dataset.feature_names) != FEATURE_NAMES:
+        if settings.pair_features == "on":
+            from calling_score_opt.model import check_pair_features
+
+            check_pair_features(dataset.feature_names)  # raises, with the model's own words
+        settings = dataclasses.replace(settings, pair_features="off")  # nothing to pair
+    if settings.device != "cpu":  # cuda or auto: fail now, not in every worker
+        from calling_score_opt.train import resolve_device
+
+        resolve_device(settings.device)
+    return settings, dataset, split_dataset(dataset, settings.seed)
+
+
+def _start_study(settings: SearchSettings, dataset: Dataset) -> optuna.Study:
+    """The study, opened (or created), with its baseline queued when it is new."""
+    study, _ = _open_search_study(settings, dataset)
+    with claim_lock(settings.storage, settings.study_name, storage_of(study)):
+        if not study.get_trials(deepcopy=False):  # a new study: its first trial is the baseline
+            study.enqueue_trial(
+                baseline_params(settings.space, settings.pair_features),
+                user_attrs={BASELINE_ATTR: True},
+            )
+    remember_parse(dataset, settings.target, settings.artifacts / DATA_CACHE_DIR)  # for export
+    return study
+
+
 def run_search(settings: SearchSettings, observer: SearchObserver | None = None) -> SearchOutcome:
     """Run (or resume) the search until the study holds ``settings.trials`` finished trials.
 
@@ -588,66 +644,18 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
     """
     from optuna.trial import TrialState
 
-    from calling_score_opt.train import resolve_device
-
     observer = observer or SearchObserver()
-    dataset = require_trainable(load_dataset(settings.data_path, settings.target))
-    if settings.pair_features != "off":
-        try:
-            check_pair_features(dataset.feature_names)
-        except ConfigError:
-            if settings.pair_features == "on":
-                raise
-            settings = dataclasses.replace(settings, pair_features="off")  # nothing to pair
-    split = split_dataset(dataset, settings.seed)
-    resolve_device(settings.device)
-    study, _ = _open_search_study(settings, dataset)
-    with claim_lock(settings.storage, settings.study_name, storage_of(study)):
-        if not study.get_trials(deepcopy=False):  # a new study: its first trial is the baseline
-            study.enqueue_trial(
-                baseline_params(settings.space, settings.pair_features),
-                user_attrs={BASELINE_ATTR: True},
-            )
-    observer.started(settings.trials, _finished(study), settings.jobs)
 
     def progressed(current: optuna.Study) -> None:
         observer.progressed(_finished(current), _best_value(current), _describe_last(current))
 
     if settings.jobs == 1:
+        settings, dataset, split = _prepare(settings)
+        study = _start_study(settings, dataset)
+        observer.started(settings.trials, _finished(study), settings.jobs)
         _search_loop(settings, split, dataset, 0, observer.epoch, progressed, study)
     else:
-        from calling_score_opt.lifeline import starting_workers, stop_processes
-
-        context = multiprocessing.get_context("spawn")
-        errors = context.SimpleQueue()  # each failed worker's one line, for this process to say
-        workers = [
-            context.Process(target=_worker_process, args=(settings, split, dataset, k, errors))
-            for k in range(settings.jobs)
-        ]
-        try:
-            # From the main thread, born deaf to Ctrl-C (see lifeline). A Ctrl-C meanwhile is
-            # held until every worker is started (each reads its data first), then raised.
-            with starting_workers():
-                for process in workers:
-                    process.start()
-            while any(p.is_alive() for p in workers):
-                time.sleep(0.5)
-                progressed(study)
-        except BaseException:  # Ctrl-C: each worker fails and requeues its trial, then exits
-            stop_processes([p for p in workers if p.pid is not None])
-            raise
-        reported = []
-        while not errors.empty():
-            reported.append(errors.get())
-        errors.close()
-        if any(p.exitcode != 0 for p in workers):
-            failed = next(p for p in workers if p.exitcode != 0)
-            reason = (
-                reported[0] if reported else f"a worker stopped (exit status {failed.exitcode})"
-            )
-            raise CsoError(
-                f"{reason}; finished trials are saved: rerun the same command to resume",
-            )
+        study = _run_workers(settings, observer, progressed)
     progressed(study)
     counts = {s.name: 0 for s in TrialState}
     for trial in study.get_trials(deepcopy=False):
@@ -658,3 +666,52 @@ def run_search(settings: SearchSettings, observer: SearchObserver | None = None)
         finished=_finished(study),
         counts={k: v for k, v in counts.items() if v},
     )
+
+
+def _run_workers(
+    settings: SearchSettings,
+    observer: SearchObserver,
+    progressed: Callable[[optuna.Study], None],
+) -> optuna.Study:
+    """``settings.jobs`` worker processes on the study; this process reads the data, opens the
+    study, hands both over and watches (it never imports PyTorch).
+
+    The workers start first: importing PyTorch takes each of them seconds, which they spend
+    while this process reads the data. A Ctrl-C (or any error here) stops them: each fails and
+    requeues its running trials, then exits.
+    """
+    from calling_score_opt.lifeline import starting_workers, stop_processes
+
+    context = multiprocessing.get_context("spawn")
+    errors = context.SimpleQueue()  # each failed worker's one line, for this process to say
+    inboxes = [context.SimpleQueue() for _ in range(settings.jobs)]
+    workers = [
+        context.Process(target=_worker_process, args=(k, inboxes[k], errors))
+        for k in range(settings.jobs)
+    ]
+    try:
+        # From the main thread, born deaf to Ctrl-C (see lifeline). A Ctrl-C meanwhile is held
+        # until every worker is started, then raised.
+        with starting_workers():
+            for process in workers:
+                process.start()
+        settings, dataset, split = _prepare(settings)
+        study = _start_study(settings, dataset)
+        observer.started(settings.trials, _finished(study), settings.jobs)
+        for inbox in inboxes:
+            inbox.put((settings, split, dataset))
+        while any(p.is_alive() for p in workers):
+            time.sleep(0.1)
+            progressed(study)
+    except BaseException:  # Ctrl-C: each worker fails and requeues its trials, then exits
+        stop_processes([p for p in workers if p.pid is not None])
+        raise
+    reported = []
+    while not errors.empty():
+        reported.append(errors.get())
+    errors.close()
+    if any(p.exitcode != 0 for p in workers):
+        failed = next(p for p in workers if p.exitcode != 0)
+        reason = reported[0] if reported else f"a worker stopped (exit status {failed.exitcode})"
+        raise CsoError(f"{reason}; finished trials are saved: rerun the same command to resume")
+    return study

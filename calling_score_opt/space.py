@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from calling_score_opt.config import TrainConfig
 from calling_score_opt.errors import ConfigError
 from calling_score_opt.study import BASELINE_VARIANT
-from calling_score_opt.train import TrainConfig
 
 if TYPE_CHECKING:
     import optuna

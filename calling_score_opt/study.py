@@ -610,6 +610,10 @@ def artifact_store(directory: Path) -> FileSystemArtifactStore:
     return FileSystemArtifactStore(str(directory))
 
 
+#: Where, in a study's artifact folder, its parsed data file is cached (data.load_dataset).
+DATA_CACHE_DIR = "data-cache"
+
+
 def artifact_dir_of(store: FileSystemArtifactStore) -> Path:
     """The folder a file-system artifact store keeps its files in."""
     return Path(store._base_path)  # private, but the store has no public name for it

@@ -31,6 +31,7 @@ from calling_score_opt.stats import F64, paired_bootstrap_improvement
 from calling_score_opt.study import (
     BASELINE_ATTR,
     BASELINE_VARIANT,
+    DATA_CACHE_DIR,
     STUDIES_DIR,
     artifact_dir_of,
     artifact_store,
@@ -277,10 +278,6 @@ def select_trials(
     if not complete:
         raise StudyError(f"study '{study.study_name}' has no complete trial yet")
     return sorted(complete, key=lambda t: t.values[0])[: top or 1]
-
-
-#: Where, in a study's artifact folder, parsed data files are cached.
-DATA_CACHE_DIR = "data-cache"
 
 
 @dataclass(frozen=True)

@@ -271,8 +271,12 @@ def test_a_search_worker_reports_a_full_database_as_one_line(
             lines.append(line)
 
     settings = search.SearchSettings(data_path=Path("d.json"), jobs=2)
+    class Inbox:
+        def get(self) -> tuple[Any, ...]:
+            return settings, tiny_split, tiny_dataset
+
     with pytest.raises(SystemExit) as exited:
-        search._worker_process(settings, tiny_split, tiny_dataset, 1, Queue())
+        search._worker_process(1, Inbox(), Queue())
     assert exited.value.code == 2
     assert lines == [
         "worker 1: the study's database is full (database or disk is full): free some space "

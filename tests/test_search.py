@@ -24,6 +24,7 @@ from calling_score_opt.stacked import train_one
 from calling_score_opt.study import (
     BASELINE_ATTR,
     CHECKPOINT_FILENAME,
+    DATA_CACHE_DIR,
     LEARNING_CURVE_FILENAME,
     artifact_store,
     open_storage,
@@ -228,7 +229,9 @@ def test_every_complete_trial_has_its_checkpoint_under_the_default_folder(
             assert names == [LEARNING_CURVE_FILENAME]
         assert all((folder / m.artifact_id).is_file() for m in metas)
     complete = sum(t.state == TrialState.COMPLETE for t in pruned_trials)
-    assert len(files_under(folder)) == complete + len(pruned_trials)
+    artifacts = [f for f in files_under(folder) if f.parent.name != DATA_CACHE_DIR]
+    assert len(artifacts) == complete + len(pruned_trials)
+    assert len(list((folder / DATA_CACHE_DIR).glob("parsed-data-*.npz"))) == 1  # the parse
 
 
 # --- the continuous space ------------------------------------------------------------------

@@ -155,14 +155,25 @@ class GridObserver:
 _worker: dict[str, Any] = {}  # the split, device and event queue of this worker process
 
 
-def _init_worker(split: Split, device: str, events: Any) -> None:
+def _init_worker(device: str, events: Any) -> None:
+    import atexit
     import os
+    import sys
 
     import torch
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    _worker.update(split=split, device=device, events=events)
+    _worker.update(device=device, events=events)
+    if multiprocessing.parent_process() is not None:
+        # A pool worker's work is in the study by the time the pool lets it go: skip the
+        # interpreter's clean-up, half a second with PyTorch loaded, which the grid waits for.
+        def leave() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+        atexit.register(leave)
 
 
 def _outcome(variant: Variant, repeat: int, seed: int, result: Any) -> RunOutcome:
@@ -285,6 +296,11 @@ class _WorkerPool:
             initargs=initargs,
         )
 
+    def start(self, jobs: int) -> None:
+        """Start every worker now (the pool would start them one per task submitted)."""
+        for _ in range(jobs):
+            self.submit(_ready)
+
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
         from calling_score_opt.lifeline import starting_workers
 
@@ -309,30 +325,43 @@ class _WorkerPool:
 
 @contextlib.contextmanager
 def _executor(
-    jobs: int, split: Split, device: str, feature_names: tuple[str, ...], observer: GridObserver
-) -> Iterator[tuple[Any, Callable[[], None]]]:
-    """An executor plus a function that relays worker epoch events to ``observer``.
+    jobs: int, device: str, observer: GridObserver
+) -> Iterator[tuple[Any, Callable[[], None], Callable[[Split, tuple[str, ...]], None]]]:
+    """An executor, a function that relays worker epoch events to ``observer``, and one that
+    hands the workers the split and feature names.
 
-    Left by an exception (Ctrl-C included), the workers are stopped at once instead of
+    The workers start at once, before there is any data to give them: importing PyTorch takes
+    each of them seconds, which they spend while this process reads the data and opens the
+    study. Left by an exception (Ctrl-C included), the workers are stopped at once instead of
     finishing runs that no one would record.
     """
     if jobs == 1:
-        _init_worker_with_names(split, device, _DirectEvents(observer), feature_names)
+
+        def deliver_inline(split: Split, feature_names: tuple[str, ...]) -> None:
+            _worker.update(split=split, feature_names=feature_names)
+
+        _init_worker_with_names(None, device, _DirectEvents(observer))
         try:
-            yield _InlineExecutor(), lambda: None
+            yield _InlineExecutor(), lambda: None, deliver_inline
         finally:
             _worker.clear()
         return
-    events = multiprocessing.get_context("spawn").Queue()
-    pool = _WorkerPool(jobs, (split, device, events, feature_names))
+    context = multiprocessing.get_context("spawn")
+    events, inbox = context.Queue(), context.SimpleQueue()
+    pool = _WorkerPool(jobs, (inbox, device, events))
 
     def drain() -> None:
         with contextlib.suppress(queue.Empty):
             while True:
                 observer.epoch(*events.get_nowait())
 
+    def deliver(split: Split, feature_names: tuple[str, ...]) -> None:
+        for _ in range(jobs):  # each worker's initializer takes one
+            inbox.put((split, feature_names))
+
     try:
-        yield pool, drain
+        pool.start(jobs)
+        yield pool, drain, deliver
     except BaseException:
         pool.stop()
         raise
@@ -342,17 +371,21 @@ def _executor(
         events.close()
 
 
-def _init_worker_with_names(
-    split: Split, device: str, events: Any, feature_names: tuple[str, ...]
-) -> None:
+def _ready() -> None:
+    """A task that does nothing: submitted once per worker, it starts them all."""
+
+
+def _init_worker_with_names(inbox: Any, device: str, events: Any) -> None:
     from calling_score_opt.lifeline import exit_with_parent, worker_signals
 
     # First: a worker ends with a killed cso, and leaves Ctrl-C to it. Both do nothing when
     # this runs in the main process (--jobs 1).
     exit_with_parent()
     worker_signals(_stop_worker)
-    _init_worker(split, device, events)
-    _worker["feature_names"] = feature_names
+    _init_worker(device, events)
+    if inbox is not None:  # a pool worker: the data comes once the main process has read it
+        split, feature_names = inbox.get()
+        _worker.update(split=split, feature_names=feature_names)
 
 
 # --- main process --------------------------------------------------------------------------
@@ -504,7 +537,7 @@ def _summary(
     dataset: Dataset,
     seed: int,
 ) -> dict[str, Any]:
-    from calling_score_opt.train import mean_predictor_loss, no_better_than_mean
+    from calling_score_opt.stats import mean_predictor_loss, no_better_than_mean
 
     ok = [e for e in entries if e["success"]]
     ok.sort(key=lambda e: e["val_loss"])
@@ -633,23 +666,30 @@ class _StudyView:
 def run_grid(settings: GridSettings, observer: GridObserver | None = None) -> GridOutcome:
     """Train, store, export and compare the grid's variants; write the results JSON.
 
+    With several jobs the worker processes start first and this process never imports
+    PyTorch: it reads the data, keeps the study and writes the results.
+
     Raises:
         CsoError: bad data, options or storage (before anything is written).
     """
-    from calling_score_opt.train import resolve_device
-
     started = time.perf_counter()
-    dataset = require_trainable(load_dataset(settings.data_path, settings.target))
-    split = split_dataset(dataset, settings.seed)
-    resolve_device(settings.device)  # fail now, not in every worker
-    t0 = time.perf_counter()
-    storage = open_storage(settings.storage, heartbeat=True, retry_stale=False)
-    study = _open_grid_study(storage, settings, dataset)
-    store = artifact_store(settings.artifacts)
-    remember_parse(dataset, settings.target, settings.artifacts / DATA_CACHE_DIR)  # for export
-    setup_s = time.perf_counter() - t0  # opening (on a new database: creating) the study
-    grid = _GridRun(settings, observer or GridObserver(), dataset, split, storage, study, store)
-    grid.run()
+    observer = observer or GridObserver()
+    with _executor(settings.jobs, settings.device, observer) as (pool, drain, deliver):
+        dataset = require_trainable(load_dataset(settings.data_path, settings.target))
+        split = split_dataset(dataset, settings.seed)
+        if settings.device != "cpu":  # cuda or auto: fail now, not in every worker
+            from calling_score_opt.train import resolve_device
+
+            resolve_device(settings.device)
+        deliver(split, dataset.feature_names)
+        t0 = time.perf_counter()
+        storage = open_storage(settings.storage, heartbeat=True, retry_stale=False)
+        study = _open_grid_study(storage, settings, dataset)
+        store = artifact_store(settings.artifacts)
+        remember_parse(dataset, settings.target, settings.artifacts / DATA_CACHE_DIR)  # export
+        setup_s = time.perf_counter() - t0  # opening (on a new database: creating) the study
+        grid = _GridRun(settings, observer, dataset, split, storage, study, store)
+        grid.run(pool, drain)
     return grid.results(started=started, setup_s=setup_s)
 
 
@@ -717,29 +757,20 @@ class _GridRun:
         self.trained = 0  # runs this process stored, failed or not
         self.trained_runs: set[tuple[str, int]] = set()  # the runs this process completed
 
-    def run(self) -> None:
-        """Train and export until every run is settled, by this process or another.
+    def run(self, pool: Any, drain: Callable[[], None]) -> None:
+        """Train and export until every run is settled, by this process or another, with
+        ``pool`` (see :func:`_executor`) and its epoch events' relay ``drain``.
 
-        Left by an exception (Ctrl-C included), the workers are stopped at once (see
-        :func:`_executor`) and the trials this process holds failed (:func:`_claims_released`).
+        Left by an exception (Ctrl-C included), the trials this process holds are failed
+        (:func:`_claims_released`); the executor then stops its workers.
         """
+        self.pool, self.drain = pool, drain
         self.view.refresh()
         self.resumed = len(self.view.complete_runs())
         self.observer.started(len(self.runs), self.resumed, self.settings.jobs)
         self.settings.output_dir.mkdir(parents=True, exist_ok=True)
         self.lock = claim_lock(self.settings.storage, self.settings.study_name, self.storage)
-        executor = _executor(
-            self.settings.jobs,
-            self.split,
-            self.settings.device,
-            self.dataset.feature_names,
-            self.observer,
-        )
-        with (
-            executor as (self.pool, self.drain),
-            beating(self.storage, self.mine),
-            _claims_released(self.study, self.mine),
-        ):
+        with beating(self.storage, self.mine), _claims_released(self.study, self.mine):
             self.schedule()
 
     def schedule(self) -> None:

@@ -1,14 +1,33 @@
-"""Small statistics the summaries need: a paired bootstrap of an MSE improvement."""
+"""Small statistics the summaries need: a paired bootstrap of an MSE improvement, and the loss
+of a model that learned nothing (no PyTorch here: the summaries are written without it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from calling_score_opt.data import Split
+
 F64 = npt.NDArray[np.float64]
+
+
+def mean_predictor_loss(split: Split) -> float:
+    """The validation MSE of the constant prediction ``mean(y_train)``, exactly (float64).
+
+    The yardstick of a model that learned nothing: a dead network (say, after too high a
+    learning rate) outputs one constant, and training pulls that constant towards this mean.
+    """
+    mean = float(np.mean(split.y_train, dtype=np.float64))
+    return float(np.mean((split.y_val.astype(np.float64) - mean) ** 2))
+
+
+def no_better_than_mean(val_loss: float, mean_predictor_val_loss: float) -> bool:
+    """Whether ``val_loss`` is no better than predicting the training mean (NaN: unknown, no)."""
+    return val_loss >= mean_predictor_val_loss
 
 
 @dataclass(frozen=True)

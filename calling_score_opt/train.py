@@ -27,6 +27,8 @@ from calling_score_opt.model import (
     build_network,
     count_parameters,
 )
+from calling_score_opt.stats import mean_predictor_loss as mean_predictor_loss  # re-exported
+from calling_score_opt.stats import no_better_than_mean as no_better_than_mean  # re-exported
 from calling_score_opt.weights import MlpWeights
 
 
@@ -92,21 +94,6 @@ class TrainResult:
         with torch.no_grad():
             out: Array = self.model(torch.from_numpy(x)).numpy()
         return out
-
-
-def mean_predictor_loss(split: Split) -> float:
-    """The validation MSE of the constant prediction ``mean(y_train)``, exactly (float64).
-
-    The yardstick of a model that learned nothing: a dead network (say, after too high a
-    learning rate) outputs one constant, and training pulls that constant towards this mean.
-    """
-    mean = float(np.mean(split.y_train, dtype=np.float64))
-    return float(np.mean((split.y_val.astype(np.float64) - mean) ** 2))
-
-
-def no_better_than_mean(val_loss: float, mean_predictor_val_loss: float) -> bool:
-    """Whether ``val_loss`` is no better than predicting the training mean (NaN: unknown, no)."""
-    return val_loss >= mean_predictor_val_loss
 
 
 def resolve_device(name: str) -> torch.device:

@@ -180,10 +180,11 @@ def test_ctrl_c_of_a_grid_with_two_workers_stops_quietly_and_fails_its_runs(
 ) -> None:
     args = ("grid", "--data-path", data, "--epochs", EPOCHS, "--max-variants", "6", "-q")
     grid = _cso(tmp_path, *args, "--jobs", "2")
-    workers = _workers(grid, 2)  # the five-variant stack and v1_1_batch_16, both training
-    time.sleep(0.5)
+    workers = _workers(grid, 2)  # PyTorch loaded: they start before the data is read ...
     db = tmp_path / "studies" / "calling-score-grid.db"
-    assert _running_trials(db) == 6
+    # ... and train once their runs are claimed: the five-variant stack and v1_1_batch_16
+    _wait_until(lambda: _running_trials(db) == 6, 120, "the six runs claimed")
+    time.sleep(0.5)
 
     code, out, err = _interrupt(grid)
     _assert_one_interrupted_line(code, out, err)

@@ -347,7 +347,9 @@ def _executor(
             _worker.clear()
         return
     context = multiprocessing.get_context("spawn")
-    events, inbox = context.Queue(), context.SimpleQueue()
+    # a Queue, not a SimpleQueue: its put returns at once (a thread feeds the pipe), where a
+    # SimpleQueue's would wait for a worker still importing PyTorch to read
+    events, inbox = context.Queue(), context.Queue()
     pool = _WorkerPool(jobs, (inbox, device, events))
 
     def drain() -> None:
@@ -369,6 +371,7 @@ def _executor(
         pool.shutdown()
     finally:
         events.close()
+        inbox.close()
 
 
 def _ready() -> None:

@@ -684,7 +684,9 @@ def _run_workers(
 
     context = multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()  # each failed worker's one line, for this process to say
-    inboxes = [context.SimpleQueue() for _ in range(settings.jobs)]
+    # Queues whose put returns at once (a thread feeds the pipe): each worker reads its own
+    # when its imports are done, none waits for another
+    inboxes = [context.Queue() for _ in range(settings.jobs)]
     workers = [
         context.Process(target=_worker_process, args=(k, inboxes[k], errors))
         for k in range(settings.jobs)

@@ -9,8 +9,10 @@ On one fresh `cso data synth --kind gated` file (10,000 records), each side as a
 
 - the optuna-examples PyTorch pattern, 15 trials (bench/optuna_example.py: TPE, the median
   pruner, a DataLoader loop);
-- `cso search --trials 15` (one worker), then `--jobs 2` on a fresh study, then
-  `cso search --trials 1` (the start-up and the baseline: what every search pays);
+- `cso search --trials 15` (one worker), then `--jobs 2` on a fresh study; TPE's choices depend
+  on what has finished when it is asked, so these two train different trials: the same pair
+  again with `--sampler random` (each trial's draw seeded by its number) trains the same ones;
+- `cso search --trials 1` (the start-up and the baseline: what every search pays);
 - one more `cso search --trials 15` with a probe that times its parts (start-up, data, opening
   the study, claiming and sampling trials, training, reporting and pruning, storing, the
   summary).
@@ -203,6 +205,12 @@ def main() -> None:
             one_s, one = search(work, data, "one", "--trials", str(args.trials))
             print(f"cso search --trials {args.trials} --jobs 2 ...", flush=True)
             two_s, two = search(work, data, "two", "--trials", str(args.trials), "--jobs", "2")
+            # TPE's choices depend on what has finished when it is asked, so the two searches
+            # above train different trials; the random sampler's do not (seeded per trial).
+            print(f"cso search --trials {args.trials} --sampler random, 1 and 2 jobs ...")
+            same = ["--trials", str(args.trials), "--sampler", "random"]
+            rand1_s, rand1 = search(work, data, "random1", *same)
+            rand2_s, rand2 = search(work, data, "random2", *same, "--jobs", "2")
             print("cso search --trials 1 ...", flush=True)
             start_s, start = search(work, data, "start", "--trials", "1")
             report.update(
@@ -218,9 +226,12 @@ def main() -> None:
                 cso_search={"wall_s": round(one_s, 2), **one},
                 cso_search_jobs2={"wall_s": round(two_s, 2), **two},
                 cso_search_trials1={"wall_s": round(start_s, 2), **start},
+                cso_search_random={"wall_s": round(rand1_s, 2), **rand1},
+                cso_search_random_jobs2={"wall_s": round(rand2_s, 2), **rand2},
                 ratios={
                     "search_vs_example": round(example_s / one_s, 2),
                     "jobs2_vs_jobs1": round(one_s / two_s, 2),
+                    "jobs2_vs_jobs1_same_trials": round(rand1_s / rand2_s, 2),
                     "jobs2_vs_example": round(example_s / two_s, 2),
                     "search_vs_example_cpu": round(example_cpu / one["cpu_s"], 2),
                 },
@@ -237,8 +248,16 @@ def main() -> None:
         notes = {
             "cso_search": f"{ratios['search_vs_example']}x the example's speed, target 8x",
             "cso_search_jobs2": f"{ratios['jobs2_vs_jobs1']}x --jobs 1's speed, target 1.6x",
+            "cso_search_random_jobs2": f"{ratios['jobs2_vs_jobs1_same_trials']}x, same trials",
         }
-        for name in ("optuna_example", "cso_search", "cso_search_jobs2", "cso_search_trials1"):
+        for name in (
+            "optuna_example",
+            "cso_search",
+            "cso_search_jobs2",
+            "cso_search_trials1",
+            "cso_search_random",
+            "cso_search_random_jobs2",
+        ):
             side = report[name]
             note = notes.get(name, "")
             wall, best = side["wall_s"], side["best_val_loss"]

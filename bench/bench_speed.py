@@ -144,6 +144,8 @@ def study_summary(work: Path, study: str) -> dict[str, Any]:
         "pruned": states.count("PRUNED"),
         "failed": states.count("FAIL"),
         "epochs_trained": sum(len(t.intermediate_values) for t in loaded.trials),
+        # complete trials that trained in a stack with others at some point (stacked.py)
+        "complete_trials_stacked": sum(t.user_attrs.get("stack_size", 1) > 1 for t in complete),
         "training_gflop": round(sum(training_flop(t, SIZES) for t in loaded.trials) / 1e9, 1),
     }
 
@@ -222,6 +224,7 @@ def main() -> None:
                     "best_test_loss": example["test_loss"],
                     "complete": example["complete"],
                     "pruned": example["pruned"],
+                    "training_gflop": round(example["training_gflop"], 1),
                 },
                 cso_search={"wall_s": round(one_s, 2), **one},
                 cso_search_jobs2={"wall_s": round(two_s, 2), **two},

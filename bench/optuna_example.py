@@ -13,6 +13,7 @@ Used by ``bench_search.py``; run alone: ``python bench/optuna_example.py DATA.js
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -102,7 +103,16 @@ def run(data: Path, n_trials: int, seed: int = 0) -> dict[str, Any]:
     with torch.no_grad():
         scores = best(torch.from_numpy(split.x_test)).squeeze(-1).numpy().astype(np.float64)
     states = [t.state.name for t in study.trials]
+    rows = 6 * len(split.y_train) + 2 * len(split.y_val)  # FLOP per parameter per epoch
+    flop = 0.0
+    for trial in study.trials:
+        widths = [split.x_train.shape[1]]
+        widths += [trial.params[f"n_units_l{i}"] for i in range(trial.params["n_layers"])]
+        widths.append(1)
+        parameters = sum(a * b + b for a, b in itertools.pairwise(widths))
+        flop += len(trial.intermediate_values) * rows * parameters
     return {
+        "training_gflop": flop / 1e9,
         "wall_s": wall,
         "best_trial": study.best_trial.number,
         "val_loss": study.best_value,

@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import assert_clean_failure, run_small_grid
+from helpers import assert_clean_failure, fail_training, run_small_grid
 from optuna.trial import FrozenTrial, TrialState
 from typer.testing import Result
 
@@ -23,6 +23,7 @@ from calling_score_opt.errors import StudyError, TrainingError
 from calling_score_opt.export import contract_problems, onnx_predict, read_metadata
 from calling_score_opt.results import RESULTS_FILENAME
 from calling_score_opt.search import SearchSettings, run_search
+from calling_score_opt.space import VARIANTS
 from calling_score_opt.study import artifact_store, open_storage, read_checkpoint
 from calling_score_opt.train import load_checkpoint
 from calling_score_opt.trials import (
@@ -588,16 +589,25 @@ def test_export_of_two_runs_of_one_grid_variant_keeps_both(
 def test_best_on_a_grid_compares_with_the_baseline_variant_not_trial_0(
     run_cli: RunCli, data_copy: Path, tmp_path: Path
 ) -> None:
-    """The grid runs its longest jobs first, so trial 0 is v1_1_batch_16; every command must
-    find the baseline the same way, and report the grid summary's own figures."""
+    """The baseline's first run fails (trial 0) and a rerun trains it as a later trial; every
+    command must find the baseline the same way, and report the grid summary's own figures."""
+    with pytest.MonkeyPatch.context() as patch:
+        baseline_config = VARIANTS[0].train_config(3, 0)
+        fail_training(patch, lambda c: c == baseline_config, TrainingError("diverged"))
+        run_small_grid(run_cli, data_copy, "--output-dir", "grid-out", max_variants=8, epochs=3)
     run_small_grid(run_cli, data_copy, "--output-dir", "grid-out", max_variants=8, epochs=3)
     study = optuna.load_study(
         study_name="calling-score-grid", storage="sqlite:///studies/calling-score-grid.db"
     )
     first = min(study.get_trials(), key=lambda t: t.number)
-    assert first.user_attrs["variant"] == "v1_1_batch_16"
+    assert (first.user_attrs["variant"], first.state.name) == ("v1_0_baseline", "FAIL")
     summary = _results(tmp_path / "grid-out")["summary"]
-    baseline = next(t for t in study.get_trials() if t.user_attrs["variant"] == "v1_0_baseline")
+    baseline = next(
+        t
+        for t in study.get_trials()
+        if t.user_attrs["variant"] == "v1_0_baseline" and t.state.name == "COMPLETE"
+    )
+    assert baseline.number > 0
 
     result = run_cli("best", "--study", "calling-score-grid")
     assert result.exit_code == 0, result.output

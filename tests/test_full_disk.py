@@ -271,6 +271,7 @@ def test_a_search_worker_reports_a_full_database_as_one_line(
             lines.append(line)
 
     settings = search.SearchSettings(data_path=Path("d.json"), jobs=2)
+
     class Inbox:
         def get(self) -> tuple[Any, ...]:
             return settings, tiny_split, tiny_dataset

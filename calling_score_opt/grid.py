@@ -371,6 +371,9 @@ def _executor(
         pool.shutdown()
     finally:
         events.close()
+        # The workers are gone: data one of them never read (stopped while importing PyTorch)
+        # must not keep this process waiting at exit for a pipe no one will drain.
+        inbox.cancel_join_thread()
         inbox.close()
 
 

@@ -708,6 +708,12 @@ def _run_workers(
     except BaseException:  # Ctrl-C: each worker fails and requeues its trials, then exits
         stop_processes([p for p in workers if p.pid is not None])
         raise
+    finally:
+        # The workers are gone: data one of them never read (stopped while importing) must
+        # not keep this process waiting at exit for a pipe no one will drain.
+        for inbox in inboxes:
+            inbox.cancel_join_thread()
+            inbox.close()
     reported = []
     while not errors.empty():
         reported.append(errors.get())

@@ -8,7 +8,10 @@ each command as a fresh process (exactly what a user waits for: interpreter star
 opening the study, the work, exit), several times, and reports the median and the slowest
 wall time against the target of 1.5 s. Each run also records which heavy libraries the
 process imported (PyTorch, onnx, plotly, scipy): the commands must not import PyTorch or onnx.
-For scale it times `python -c pass` and the bare imports of torch and onnx in the same run.
+For scale it times `python -c pass`, the bare imports of torch and onnx, and Optuna alone
+opening the same study and reading its trials (the floor of any command that reads a study:
+Optuna's RDBStorage imports SQLAlchemy and Alembic), in the same run. Runs go round the
+commands in turn, so a busy moment on a shared machine spreads over all of them.
 Results also go to bench/results/commands.json.
 """
 
@@ -37,6 +40,11 @@ from calling_score_opt.cli import main
 sys.argv = ["cso", *sys.argv[1:]]
 main()
 """
+OPTUNA_ALONE = (
+    "import optuna; optuna.logging.set_verbosity(optuna.logging.WARNING); "
+    "optuna.load_study(study_name='calling-score-search', "
+    "storage='sqlite:///studies/calling-score-search.db').get_trials()"
+)
 
 COMMANDS: list[tuple[str, list[str]]] = [
     ("cso studies", ["studies"]),
@@ -98,6 +106,7 @@ def main() -> None:
             "python -c pass": [python, "-c", "pass"],
             "import torch": [python, "-c", "import torch"],
             "import onnx": [python, "-c", "import onnx"],
+            "optuna.load_study + trials": [python, "-c", OPTUNA_ALONE],
         }
         references = {
             name: statistics.median(timed(cmd, work)[0] for _ in range(args.runs))
@@ -109,19 +118,22 @@ def main() -> None:
                          "--data-source", "synthetic"],
         )  # fmt: skip
         plain = [(name, lambda run, argv=argv: argv) for name, argv in COMMANDS]
-        for name, argv_of in [*plain, registry]:
-            times, heavy = [], ""
-            for run in range(args.runs):  # a new version name each run: a repeat is refused
+        commands = [*plain, registry]
+        times: dict[str, list[float]] = {name: [] for name, _ in commands}
+        heavy: dict[str, str] = {}
+        for run in range(args.runs):  # registry: a new version name each run (repeats are refused)
+            for name, argv_of in commands:
                 argv = [a.format(trial=trial) for a in argv_of(run)]
-                elapsed, heavy = timed([*cso, *argv], work)
-                times.append(elapsed)
+                elapsed, heavy[name] = timed([*cso, *argv], work)
+                times[name].append(elapsed)
+        for name, _ in commands:
             rows.append(
                 {
                     "command": name,
-                    "median_s": round(statistics.median(times), 3),
-                    "max_s": round(max(times), 3),
-                    "heavy_imports": heavy.split(",") if heavy else [],
-                    "under_target": statistics.median(times) < TARGET_S,
+                    "median_s": round(statistics.median(times[name]), 3),
+                    "max_s": round(max(times[name]), 3),
+                    "heavy_imports": heavy[name].split(",") if heavy[name] else [],
+                    "under_target": statistics.median(times[name]) < TARGET_S,
                 }
             )
     width = max(len(r["command"]) for r in rows)
@@ -135,7 +147,8 @@ def main() -> None:
         print(f"for scale: {name}: {seconds:.2f} s")
     out = HERE / "results" / "commands.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(
+    partial = out.with_suffix(".json.partial")
+    partial.write_text(
         json.dumps(
             {
                 "command": "python bench/bench_commands.py " + " ".join(sys.argv[1:]),
@@ -151,6 +164,7 @@ def main() -> None:
         )
         + "\n"
     )
+    partial.replace(out)
     print(f"results: {out}")
 
 

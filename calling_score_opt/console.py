@@ -137,8 +137,11 @@ def fails_cleanly(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from calling_score_opt.lifeline import interrupts_kept
+
         try:
-            return command(*args, **kwargs)
+            with interrupts_kept():
+                return command(*args, **kwargs)
         except KeyboardInterrupt:
             err_console.print("interrupted: finished work is kept; rerun the command to resume")
             raise typer.Exit(130) from None

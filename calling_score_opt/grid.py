@@ -781,7 +781,10 @@ class _GridRun:
 
     def schedule(self) -> None:
         """Keep the workers busy: claim and train, export what is complete, store what ends."""
+        from calling_score_opt.lifeline import check_interrupted
+
         while True:
+            check_interrupted()  # one Python swallowed (see lifeline)
             self.fill_workers()
             self.export_completed()
             if self.training or self.exporting:

@@ -199,8 +199,61 @@ def starting_workers() -> Iterator[None]:
             signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+# Set by :func:`_raise_interrupt` (the handler of Ctrl-C in cso's main process, of SIGTERM in a
+# search worker), cleared when the command ends: see :func:`check_interrupted`.
+_interrupt_pending = False
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    global _interrupt_pending
+    _interrupt_pending = True
     raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt again if an interrupt came and Python swallowed it.
+
+    A signal handler's exception surfaces wherever the main thread happens to be; inside a
+    finalizer or a weakref callback (SQLAlchemy and PyTorch run many) Python prints "Exception
+    ignored in ..." and carries on, so a Ctrl-C would be lost and the command would run to its
+    end. The long loops of cso grid and cso search call this once per turn.
+    """
+    if _interrupt_pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Run a command with Ctrl-C handled by :func:`_raise_interrupt` (KeyboardInterrupt, as
+    Python's own handler, but remembered for :func:`check_interrupted`), and without Python's
+    "Exception ignored in ..." traceback for a swallowed one; both restored after.
+
+    Only where Ctrl-C has Python's default handler, in the main thread; elsewhere (an ignored
+    Ctrl-C, a test runner's own handler) it changes nothing.
+    """
+    global _interrupt_pending
+    mine = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if not mine:
+        yield
+        return
+    previous_hook = sys.unraisablehook
+
+    def quiet_about_interrupts(unraisable: Any) -> None:
+        # the swallowed Ctrl-C is raised again by check_interrupted: no traceback for it
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+
+    signal.signal(signal.SIGINT, _raise_interrupt)
+    sys.unraisablehook = quiet_about_interrupts
+    try:
+        yield
+    finally:
+        _interrupt_pending = False
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def worker_signals(on_stop: SignalHandler = _raise_interrupt) -> bool:

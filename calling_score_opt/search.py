@@ -288,9 +288,12 @@ class _SearchWorker:
         """Claim, train and finish trials until the study holds enough; interrupted (Ctrl-C,
         SIGTERM) or stopped by an error outside the trials, every running trial is failed and
         queued again at once."""
+        from calling_score_opt.lifeline import check_interrupted
+
         with beating(self.storage, self.beating):  # as Optuna's own optimize() does
             try:
                 while True:
+                    check_interrupted()  # one Python swallowed (see lifeline)
                     done = self.claim()
                     if not self.running:
                         if done:
@@ -680,7 +683,7 @@ def _run_workers(
     while this process reads the data. A Ctrl-C (or any error here) stops them: each fails and
     requeues its running trials, then exits.
     """
-    from calling_score_opt.lifeline import starting_workers, stop_processes
+    from calling_score_opt.lifeline import check_interrupted, starting_workers, stop_processes
 
     context = multiprocessing.get_context("spawn")
     errors = context.SimpleQueue()  # each failed worker's one line, for this process to say
@@ -704,6 +707,7 @@ def _run_workers(
             inbox.put((settings, split, dataset))
         while any(p.is_alive() for p in workers):
             time.sleep(0.1)
+            check_interrupted()
             progressed(study)
     except BaseException:  # Ctrl-C: each worker fails and requeues its trials, then exits
         stop_processes([p for p in workers if p.pid is not None])
